@@ -1,0 +1,23 @@
+"""lrpgraph: layer-wise relevance propagation for any torch.fx-traceable PyTorch model.
+
+The public face: :func:`explain`, :class:`Explainer` and its :class:`Explanation`, rule
+registration (:func:`register_rule`) and presets (:class:`Composite`, :func:`get_composite`).
+"""
+from . import presets as _presets  # noqa: F401  (registers the built-in presets)
+from .explainer import Explainer, Explanation, explain
+from .passes import register_pass
+from .record import NoRuleError
+from .registry import Composite, RuleTable, composite_names, get_composite, register_composite, register_rule, unregister_rule
+from .report import ConservationReport, NodeBalance
+from .rule import NodeContext, Rule
+from .trace import LRPTraceError
+from .walk import RuleError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "explain", "Explainer", "Explanation", "register_rule", "unregister_rule", "register_pass",
+    "Composite", "RuleTable", "get_composite", "register_composite", "composite_names",
+    "ConservationReport", "NodeBalance", "NodeContext", "Rule", "LRPTraceError", "NoRuleError",
+    "RuleError", "__version__",
+]

@@ -1,0 +1,243 @@
+"""The public face: :class:`Explainer` traces once and explains batches; :func:`explain` is the
+one-call form. Data flows one way: trace -> passes -> plan -> record -> walk -> report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, fx, nn
+
+from .passes import normalise
+from .record import NoRuleError, compile_plan, record
+from .registry import Composite, get_composite
+from .report import ConservationReport, NodeBalance
+from .rule import describe_target
+from .trace import trace
+from .walk import walk
+
+TargetLike = Union[None, int, Sequence[int], Tensor]
+
+
+@dataclass
+class Explanation:
+    """The result of one explained batch.
+
+    Attributes:
+        relevance: input relevance shaped like ``x`` (``(B, *x.shape[1:])``), or
+            ``(B, T, *x.shape[1:])`` when ``T`` targets per sample were given as a ``(B, T)`` target.
+        logits: the model output ``(B, C)``.
+        target: the explained class per sample, ``(B,)`` or ``(B, T)``.
+        preset: name of the rule preset.
+        latent: relevance at the nodes named in ``keep`` (``(K, ...)``, K = relevance passes).
+        absorbed: relevance absorbed by parameters and constants, per node name.
+    """
+
+    relevance: Tensor
+    logits: Tensor
+    target: Tensor
+    preset: str
+    latent: Dict[str, Any] = field(default_factory=dict)
+    absorbed: Dict[str, Any] = field(default_factory=dict)
+    _rows: List[NodeBalance] = field(default_factory=list, repr=False)
+
+    def conservation(self) -> ConservationReport:
+        """Per-node relevance in and out, before any normalisation (see :mod:`lrpgraph.report`)."""
+        return ConservationReport(list(self._rows), preset=self.preset)
+
+
+class Explainer:
+    """Trace ``model`` once and explain batches with a rule preset.
+
+    Args:
+        model: any ``torch.fx``-traceable module, in eval mode. It is never modified: the traced
+            graph shares its parameters, and every rewrite happens on lrpgraph's own copy of the graph.
+        rules: a preset name (``"abslrp"``, ``"abslrp-renorm"``, ``"lrp-0"``, ``"lrp-epsilon"``,
+            ``"lrp-gamma"``, ``"lrp-alpha1beta0"``, ``"lrp-alpha2beta1"``, ``"epsilon-plus-flat"``,
+            ``"epsilon-gamma-box"``) or a :class:`~lrpgraph.registry.Composite`.
+        leaf_modules: module qualnames or types to keep as single nodes (they need a rule).
+        concrete_args: passed to ``torch.fx`` for arguments that drive control flow.
+        output: which model output holds the logits when the model returns a tuple/list (an index)
+            or a dict (a key); default the first element, or ``"logits"`` for dicts.
+
+    Example::
+
+        ex = lrpgraph.Explainer(model, rules="abslrp")
+        e = ex(images, target=labels)
+        heat = e.relevance.sum(1)            # (B, H, W)
+        print(e.conservation().table())
+    """
+
+    def __init__(self, model: nn.Module, rules: Union[str, Composite] = "abslrp", *,
+                 leaf_modules: Iterable[Any] = (), concrete_args: Optional[Dict[str, Any]] = None,
+                 output: Union[int, str, None] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.composite = get_composite(rules)
+        gm = trace(model, self.composite.has_rule, leaf_modules, concrete_args)
+        self.graph_module = normalise(gm)
+        self.plan = compile_plan(self.graph_module, self.composite)
+        self._start_node = self._output_node(output)
+        self.plan.keep.add(self._start_node)  # the logits are always kept
+
+    @property
+    def preset(self) -> str:
+        return self.composite.name
+
+    def _output_node(self, output) -> fx.Node:
+        res = self.plan.output_node.args[0]
+        if isinstance(res, fx.Node):
+            if output not in (None, 0):
+                raise ValueError(f"the model returns a single tensor; output={output!r} does not apply")
+            return res
+        if isinstance(res, (tuple, list)):
+            i = 0 if output is None else output
+            if not isinstance(i, int) or not -len(res) <= i < len(res):
+                raise ValueError(f"output={output!r}: the model returns {len(res)} values; give an index")
+            node = res[i]
+        elif isinstance(res, dict):
+            key = output if output is not None else ("logits" if "logits" in res else None)
+            if key not in res:
+                raise ValueError(f"the model returns a dict with keys {sorted(res)}; say which holds "
+                                 f"the logits with Explainer(..., output=KEY)")
+            node = res[key]
+        else:
+            raise ValueError(f"unsupported model output structure {type(res).__name__}")
+        if not isinstance(node, fx.Node):
+            raise ValueError(f"the selected model output ({output!r}) is not a traced tensor")
+        return node
+
+    def coverage(self) -> List[tuple]:
+        """``(node, op, rule name or "MISSING")`` for every computing node of the traced graph, in
+        forward order: which rule each op gets under this preset, before anything is run."""
+        rows = []
+        for n in self.plan.nodes:
+            if n.op not in ("call_module", "call_function", "call_method"):
+                continue
+            what = describe_target(n.op, n.target, self.plan.modules.get(n))
+            rule = self.plan.rules.get(n)
+            rows.append((n.name, what, rule.name if rule is not None else
+                         ("MISSING" if n in self.plan.live else "constant")))
+        return rows
+
+    def __call__(self, x: Tensor, target: TargetLike = None, *, contrastive: bool = True,
+                 output_relevance: Optional[Tensor] = None, extra_inputs: Sequence[Any] = (),
+                 report: bool = True, keep: Optional[Iterable[str]] = None) -> Explanation:
+        """Explain a batch.
+
+        Args:
+            x: the input batch ``(B, ...)``; dim 0 is the batch.
+            target: class per sample (an int for all, a sequence or ``(B,)`` tensor, or ``(B, T)``
+                for T targets per sample in one batched pass); ``None`` explains the predicted class.
+            contrastive: the preset's contrastive start (absLRP: target against all other classes).
+            output_relevance: start from this relevance at the output instead (``(B, *out)`` or
+                ``(K, B, *out)``); ``target`` and ``contrastive`` are then ignored.
+            extra_inputs: values for further placeholders of the traced model (masks, ids).
+            report: collect the conservation statistics (cheap; off for the fastest runs).
+            keep: node names whose incoming relevance is returned in ``Explanation.latent``.
+        """
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError(f"x must have a batch dimension with at least one sample, got shape {tuple(x.shape)}")
+        _check_eval(self.model)
+        try:
+            rec = record(self.plan, [x, *extra_inputs])
+        except (NoRuleError, ValueError):
+            raise
+        except Exception as exc:
+            raise ValueError(self._forward_error(x, exc)) from exc
+        logits = _value_at(rec, self._start_node, self.plan)
+        if output_relevance is not None:
+            start = output_relevance.to(logits.dtype)
+            if start.shape == logits.shape:
+                start = start.unsqueeze(0)
+            if tuple(start.shape[1:]) != tuple(logits.shape):
+                raise ValueError(f"output_relevance has shape {tuple(output_relevance.shape)}; the output "
+                                 f"is {tuple(logits.shape)} (give (B, ...) or (K, B, ...))")
+            tgt = torch.empty(0, dtype=torch.long)
+            finish, T, multi = (lambda r, T, c: r), start.shape[0], start.shape[0] > 1
+        else:
+            if logits.dim() != 2:
+                raise ValueError(f"the model output has shape {tuple(logits.shape)}; class targets need "
+                                 "(B, C) logits. Pass output_relevance=... to start from any output")
+            tgt, multi = _targets(target, logits)
+            T = tgt.shape[1]
+            start = self.composite.start.init(logits, tgt, contrastive)
+            finish = self.composite.start.finish
+        with torch.no_grad():  # explicit tensor maths only: no autograd graph is built
+            res = walk(self.plan, rec, self._start_node, start, report=report,
+                       keep=set(keep) if keep is not None else None)
+        r_in = res["inputs"][0]
+        if r_in is None:
+            r_in = torch.zeros((start.shape[0],) + tuple(x.shape), dtype=logits.dtype, device=x.device)
+        rel = finish(r_in, T, contrastive)
+        out_dtype = x.dtype if x.is_floating_point() else rel.dtype
+        rel = rel.to(out_dtype)
+        rel = rel.movedim(0, 1) if multi else rel[0]
+        if output_relevance is None and not multi:
+            tgt = tgt[:, 0]
+        return Explanation(relevance=rel, logits=logits, target=tgt, preset=self.preset,
+                           latent=res["kept"], absorbed=res["absorbed"], _rows=res["balance"])
+
+    def _forward_error(self, x: Tensor, exc: Exception) -> str:
+        return (f"the model's forward failed on an input of shape {tuple(x.shape)}, dtype {x.dtype}, "
+                f"device {x.device}: {exc}\n  fix: check the input's shape, dtype and device against "
+                "what the model expects")
+
+
+def _value_at(rec, node: fx.Node, plan) -> Tensor:
+    v = rec.values.get(node)
+    if v is None:
+        raise RuntimeError("internal: the output node's value was not recorded")
+    return v
+
+
+def _check_eval(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if m.training:
+            what = f"module `{name}` ({type(m).__qualname__})" if name else f"the model ({type(model).__qualname__})"
+            raise RuntimeError(f"{what} is in training mode; call model.eval() before explaining "
+                               "(lrpgraph never changes the model's mode)")
+
+
+def _targets(target: TargetLike, logits: Tensor):
+    """Normalise ``target`` to a ``(B, T)`` long tensor; returns (tensor, multi-target?)."""
+    B, C = logits.shape
+    if target is None:
+        t = logits.argmax(dim=1, keepdim=True)
+        return t, False
+    if isinstance(target, int):
+        t = torch.full((B, 1), target, dtype=torch.long, device=logits.device)
+        multi = False
+    else:
+        t = torch.as_tensor(target, device=logits.device)
+        if t.is_floating_point():
+            raise ValueError(f"target must hold integer class indices, got dtype {t.dtype}")
+        t = t.long()
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.dim() == 1:
+            if t.shape[0] != B:
+                raise ValueError(f"target has {t.shape[0]} entries for a batch of {B}")
+            t, multi = t.unsqueeze(1), False
+        elif t.dim() == 2:
+            if t.shape[0] != B:
+                raise ValueError(f"target has shape {tuple(t.shape)}; expected (B={B}, T)")
+            multi = True
+        else:
+            raise ValueError(f"target must be an int, (B,) or (B, T); got shape {tuple(t.shape)}")
+    bad = (t < 0) | (t >= C)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target {int(t[bad][0])} is out of range for {C} classes (sample {i})")
+    return t, multi
+
+
+def explain(model: nn.Module, x: Tensor, target: TargetLike = None, rules: Union[str, Composite] = "abslrp",
+            contrastive: bool = True) -> Tensor:
+    """Explain ``model`` on ``x``: relevance shaped like ``x`` (``(B, T, ...)`` for ``(B, T)`` targets),
+    on ``x``'s device and dtype. Traces the model on every call; use :class:`Explainer` to reuse."""
+    return Explainer(model, rules=rules)(x, target, contrastive=contrastive, report=False).relevance

@@ -1,0 +1,201 @@
+"""The forward pass that keeps only what the rules need.
+
+A :class:`Plan` is compiled once per traced graph and preset: the rule of every node, its input
+slots, which values must be kept for the backward walk, and when every other value can be
+freed. :func:`record` then runs the graph node by node under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set
+
+import torch
+from torch import Tensor, fx, nn
+
+from .rule import Rule, describe_target
+
+
+class NoRuleError(LookupError):
+    """A node of the graph has no rule in the chosen preset."""
+
+
+def slots_of(node: fx.Node) -> List[fx.Node]:
+    """Every occurrence of an fx node in the flattened args and kwargs, in order."""
+    out: List[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return out
+
+
+@dataclass
+class Plan:
+    """A traced graph prepared for recording and walking."""
+
+    gm: fx.GraphModule
+    nodes: List[fx.Node]
+    rules: Dict[fx.Node, Rule]
+    slots: Dict[fx.Node, List[fx.Node]]
+    keep: Set[fx.Node]
+    free_after: Dict[fx.Node, List[fx.Node]]
+    modules: Dict[fx.Node, nn.Module]
+    options: Dict[fx.Node, dict]
+    placeholders: List[fx.Node]
+    output_node: fx.Node
+    # nodes on some path from a placeholder to the output (others get no relevance)
+    live: Set[fx.Node] = field(default_factory=set)
+    missing: List[fx.Node] = field(default_factory=list)
+    preset: str = ""
+
+
+def compile_plan(gm: fx.GraphModule, composite) -> Plan:
+    """Assign rules and find what to keep and when to free.
+
+    Nodes without a rule are listed in ``Plan.missing``; the walker raises :class:`NoRuleError`
+    (naming the node, the op and how to register a rule) when relevance reaches one.
+    """
+    nodes = list(gm.graph.nodes)
+    assigned = composite.assign(gm)
+    modules = {n: gm.get_submodule(n.target) for n in nodes if n.op == "call_module"}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output_node = next(n for n in nodes if n.op == "output")
+
+    # nodes that depend on an input: only those can carry relevance that matters
+    depends: Set[fx.Node] = set(placeholders)
+    for n in nodes:
+        if any(i in depends for i in n.all_input_nodes):
+            depends.add(n)
+    reaches: Set[fx.Node] = {output_node}
+    for n in reversed(nodes):
+        if any(u in reaches for u in n.users):
+            reaches.add(n)
+    live = depends & reaches
+
+    rules: Dict[fx.Node, Rule] = {}
+    missing: List[fx.Node] = []
+    for n in nodes:
+        if n.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if n not in live:
+            continue  # constant sub-graphs (e.g. a size computation) need no rule
+        rule = assigned.get(n)
+        if rule is None:
+            missing.append(n)  # an error only if relevance reaches it (sizes and dims never do)
+        else:
+            rules[n] = rule
+
+    slots = {n: slots_of(n) for n in nodes}
+    keep: Set[fx.Node] = set()
+    for n, rule in rules.items():
+        if "output" in rule.saves:
+            keep.add(n)
+        if "inputs" in rule.saves:
+            keep.update(slots[n])
+    # non-tensor values (sizes, dims) are cheap and rules read them from ctx.args
+    last_use: Dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        for i in n.all_input_nodes:
+            last_use[i] = n
+    free_after: Dict[fx.Node, List[fx.Node]] = {}
+    for v, n in last_use.items():
+        free_after.setdefault(n, []).append(v)
+    options = {n: composite.options_for(n) for n in rules}
+    return Plan(gm=gm, nodes=nodes, rules=rules, slots=slots, keep=keep, free_after=free_after,
+                modules=modules, options=options, placeholders=placeholders,
+                output_node=output_node, live=live, missing=missing, preset=composite.name)
+
+
+def no_rule_message(node: fx.Node, module: Optional[nn.Module], preset: str) -> str:
+    what = describe_target(node.op, node.target, module)
+    where = f" (module `{node.target}`)" if node.op == "call_module" else ""
+    if node.op == "call_module":
+        key = type(module).__qualname__
+    elif node.op == "call_method":
+        key = repr(node.target)
+    else:
+        key = what
+    return (f"no rule for `{what}` at node `{node.name}`{where} in preset {preset!r}; register one "
+            f"with @lrpgraph.register_rule({key}) (see lrpgraph.rules for examples), or assign one "
+            f"with a Composite override")
+
+
+@dataclass
+class Recording:
+    """Values kept by :func:`record`: ``values[node]`` for kept nodes and all non-tensors,
+    ``shapes[node]`` for every tensor (a tuple of shapes for tuple outputs)."""
+
+    values: Dict[fx.Node, Any]
+    shapes: Dict[fx.Node, Any]
+    output: Any
+    batch_size: int
+
+
+def _shape_of(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.shape
+    if isinstance(v, (tuple, list)) and any(isinstance(e, Tensor) for e in v):
+        return tuple(_shape_of(e) for e in v)
+    return None
+
+
+def _is_tensorish(v: Any) -> bool:
+    return isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(e, Tensor) for e in v))
+
+
+def record(plan: Plan, inputs: List[Any]) -> Recording:
+    """Run the graph once on ``inputs`` (one per placeholder), keeping what the rules need."""
+    if len(inputs) != len(plan.placeholders):
+        names = ", ".join(p.target for p in plan.placeholders)
+        raise ValueError(f"the traced model takes {len(plan.placeholders)} input(s) ({names}); got {len(inputs)}")
+    gm = plan.gm
+    env: Dict[fx.Node, Any] = {}
+    values: Dict[fx.Node, Any] = {}
+    shapes: Dict[fx.Node, Any] = {}
+    it = iter(inputs)
+    out = None
+    batch = inputs[0].shape[0] if isinstance(inputs[0], Tensor) and inputs[0].dim() > 0 else 1
+    load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
+    with torch.no_grad():
+        for node in plan.nodes:
+            op = node.op
+            if op == "placeholder":
+                val = next(it)
+            elif op == "get_attr":
+                val = _fetch_attr(gm, node.target)
+            elif op == "output":
+                out = load(node.args[0])
+                break
+            else:
+                try:
+                    val = _run(plan, node, env)
+                except Exception as exc:
+                    what = describe_target(node.op, node.target, plan.modules.get(node))
+                    raise RuntimeError(f"node `{node.name}` ({what}) failed: {type(exc).__name__}: {exc}") from exc
+            env[node] = val
+            shp = _shape_of(val)
+            if shp is not None:
+                shapes[node] = shp
+            if node in plan.keep or not _is_tensorish(val):
+                values[node] = val
+            for dead in plan.free_after.get(node, ()):
+                env.pop(dead, None)
+    return Recording(values=values, shapes=shapes, output=out, batch_size=batch)
+
+
+def _run(plan: Plan, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
+    load = lambda a: fx.node.map_arg(a, lambda n: env[n])  # noqa: E731
+    args, kwargs = load(node.args), load(node.kwargs)
+    if node.op == "call_module":
+        mod = plan.modules[node]
+        if getattr(mod, "inplace", False) and args and isinstance(args[0], Tensor):
+            args = (args[0].clone(),) + tuple(args[1:])  # never overwrite a recorded value
+        return mod(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    return getattr(args[0], node.target)(*args[1:], **kwargs)  # call_method
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

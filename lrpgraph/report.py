@@ -1,0 +1,196 @@
+"""The per-node conservation report: relevance in and out of every node, before normalisation.
+
+Each row holds, per relevance pass k and sample b (tensors shaped ``(K, B)``):
+
+* ``in_sum``, ``in_pos``, ``in_neg``: the signed sum, positive mass and negative mass of the
+  relevance that reached the node (summed over its users);
+* ``out_sum``, ``out_pos``, ``out_neg``: the same for what the rule sent to the node's inputs,
+  measured on the rule's own output, i.e. *before* the unit-mass renormalisation of
+  ``abslrp-renorm`` (which would hide leaks). For the sign-split ``abslrp`` rule the positive and
+  negative streams are measured before they are added, so cancellation is not mistaken for loss;
+* ``cancelled``: positive mass that was delivered to this node by its users as separate streams
+  and cancelled against negative mass when they were added (by design in ``abslrp``);
+* ``abs_err`` = max(|in_sum - out_sum|, |in_pos - out_pos|, |in_neg - out_neg|) and ``rel_err`` =
+  ``abs_err`` / (in_pos + |in_neg|).
+
+Nodes that absorb relevance by design (parameters such as a position embedding, constants) get a
+row with ``out = 0`` and a note, and are not counted as leaks.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .rule import Split
+
+TINY = 1e-30
+
+
+def _batch_dim(t: Tensor, batch: int) -> Optional[int]:
+    if t.dim() >= 2 and t.shape[1] == batch:
+        return 1
+    for d in range(2, t.dim()):
+        if t.shape[d] == batch:
+            return d
+    return None
+
+
+def stats(t: Optional[Tensor], batch: int):
+    """(sum, pos, neg) per (k, sample) of a ``(K, B, ...)`` tensor; ``None`` gives zeros later."""
+    if t is None:
+        return None
+    d = _batch_dim(t, batch)
+    if d is None:  # no batch axis (should not happen for activations): spread the total evenly
+        tot = lambda x: (x.reshape(x.shape[0], -1).sum(1, keepdim=True) / batch).expand(-1, batch)  # noqa: E731
+        return tot(t), tot(t.clamp(min=0)), tot(t.clamp(max=0))
+    if d != 1:
+        t = t.movedim(d, 1)
+    flat = t.reshape(t.shape[0], t.shape[1], -1)
+    return flat.sum(-1), flat.clamp(min=0).sum(-1), flat.clamp(max=0).sum(-1)
+
+
+def _acc(parts):
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    s, p, n = parts[0]
+    for (a, b, c) in parts[1:]:
+        s, p, n = s + a, p + b, n + c
+    return s, p, n
+
+
+def relevance_stats(r, batch: int):
+    """Stats of a relevance entry: a tensor, a :class:`Split`, or a list (tuple-valued node)."""
+    if r is None:
+        return None
+    if isinstance(r, Split):
+        ps = stats(r.pos, batch)
+        ns = stats(r.neg, batch)
+        return _acc([ps, ns])
+    if isinstance(r, (list, tuple)):
+        return _acc([relevance_stats(e, batch) for e in r])
+    return stats(r, batch)
+
+
+@dataclass
+class NodeBalance:
+    """One row of the conservation report (tensors are ``(K, B)``, on the CPU)."""
+
+    name: str
+    op: str
+    rule: str
+    in_sum: Tensor
+    in_pos: Tensor
+    in_neg: Tensor
+    out_sum: Tensor
+    out_pos: Tensor
+    out_neg: Tensor
+    cancelled: Tensor
+    note: str = ""
+    by_design: bool = False
+
+    @property
+    def abs_err(self) -> Tensor:
+        return torch.stack([(self.in_sum - self.out_sum).abs(), (self.in_pos - self.out_pos).abs(),
+                            (self.in_neg - self.out_neg).abs()]).amax(0)
+
+    @property
+    def rel_err(self) -> Tensor:
+        return self.abs_err / (self.in_pos + self.in_neg.abs() + TINY)
+
+    def worst(self) -> float:
+        """The largest relative error over passes and samples (0 for by-design absorption)."""
+        return 0.0 if self.by_design else float(self.rel_err.max())
+
+
+def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
+            note: str = "", delivered_pos: Optional[Tensor] = None) -> NodeBalance:
+    """Build a row from a node's incoming relevance and its rule's per-slot output."""
+    s_in = relevance_stats(r_in, batch)
+    s_out = _acc([relevance_stats(o, batch) for o in (outs or [])])
+    zero = torch.zeros_like(s_in[0])
+    if s_out is None:
+        s_out = (zero, zero, zero)
+    cancelled = zero if delivered_pos is None else (delivered_pos - s_in[1]).clamp(min=0)
+    cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    by_design = outs is None
+    return NodeBalance(name, op, rule, *(cpu(t) for t in s_in), *(cpu(t) for t in s_out),
+                       cpu(cancelled), note=note, by_design=by_design)
+
+
+@dataclass
+class ConservationReport:
+    """Rows in backward order (output first). Iterate, index by node name, or print ``table()``."""
+
+    rows: List[NodeBalance] = field(default_factory=list)
+    preset: str = ""
+
+    def __iter__(self) -> Iterator[NodeBalance]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> NodeBalance:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def leaks(self, tol: float = 1e-5) -> List[NodeBalance]:
+        """Rows whose relative error exceeds ``tol`` (by-design absorption excluded)."""
+        return [r for r in self.rows if r.worst() > tol]
+
+    def max_rel_error(self) -> float:
+        """The worst relative error over all nodes, passes and samples."""
+        return max((r.worst() for r in self.rows), default=0.0)
+
+    def table(self, tol: float = 1e-5, sample: Optional[int] = None) -> str:
+        """A fixed-width text table; leaking rows are marked ``LEAK``. Values are for ``sample``
+        (first pass) or, by default, the first sample, with the error column the worst over all."""
+        b = 0 if sample is None else sample
+        head = ("node", "op", "rule", "in", "out", "in+", "out+", "in-", "out-", "cancel", "rel.err", "")
+        lines = []
+        for r in self.rows:
+            flag = "LEAK" if r.worst() > tol else ("by design" if r.by_design else "")
+            v = lambda t: f"{float(t[0, b]):.6g}"  # noqa: E731
+            lines.append((r.name, _short(r.op), r.rule, v(r.in_sum), v(r.out_sum), v(r.in_pos),
+                          v(r.out_pos), v(r.in_neg), v(r.out_neg), v(r.cancelled),
+                          f"{r.worst():.2e}", flag + (f" {r.note}" if r.note and flag != "LEAK" else "")))
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
+        fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
+        out = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(l) for l in lines]
+        leaks = self.leaks(tol)
+        out.append("")
+        out.append(f"{len(self.rows)} nodes, preset {self.preset!r}; worst relative error "
+                   f"{self.max_rel_error():.2e}; {len(leaks)} node(s) leak beyond {tol:g}")
+        return "\n".join(out)
+
+    def to_csv(self) -> str:
+        """Every row, pass and sample as CSV text."""
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["node", "op", "rule", "pass", "sample", "in_sum", "out_sum", "in_pos", "out_pos",
+                    "in_neg", "out_neg", "cancelled", "abs_err", "rel_err", "by_design", "note"])
+        for r in self.rows:
+            ae, re_ = r.abs_err, r.rel_err
+            for k in range(r.in_sum.shape[0]):
+                for b in range(r.in_sum.shape[1]):
+                    w.writerow([r.name, r.op, r.rule, k, b] +
+                               [f"{float(t[k, b]):.9g}" for t in (r.in_sum, r.out_sum, r.in_pos, r.out_pos,
+                                                                   r.in_neg, r.out_neg, r.cancelled, ae, re_)] +
+                               [int(r.by_design), r.note])
+        return buf.getvalue()
+
+
+def _short(op: str) -> str:
+    for prefix in ("torch.nn.modules.", "torch.nn.functional.", "torch.nn."):
+        if op.startswith(prefix):
+            parts = op.split(".")
+            return parts[-1] if prefix != "torch.nn.functional." else "F." + parts[-1]
+    return op

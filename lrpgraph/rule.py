@@ -1,0 +1,265 @@
+"""The rule interface: what a relevance rule sees, what it returns, and shared numerics.
+
+Relevance layout
+----------------
+Relevance for a tensor of shape ``(B, *F)`` is a tensor of shape ``(K, B, *F)``. The leading
+``K`` axis stacks the "relevance batch": several targets per input, the two passes of a
+contrastive explanation, and the positive/negative streams of the sign-split absLRP rule. The
+forward pass runs once on ``B`` inputs; every rule broadcasts the saved activations over ``K``.
+A node whose value is a tuple of tensors (``unbind``, ``chunk``) carries a list of such tensors
+(``None`` where no relevance arrived).
+
+A rule is a callable ``rule(ctx, relevance) -> sequence`` that returns one entry per *input
+slot* of the node (each occurrence of an fx node in the flattened ``args``/``kwargs``, in
+order): a relevance tensor shaped ``(K, *slot_shape)``, or ``None`` for slots that receive none
+(non-tensor arguments, integer sizes, constants). Rules are explicit tensor maths: no autograd.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: Stabiliser of the absLRP rules and of every normalisation (the reference code's value).
+EPS = 1e-9
+
+Relevance = Any  # Tensor, or a list of Optional[Tensor] for tuple-valued nodes
+
+
+@dataclass
+class NodeContext:
+    """What the rule of one fx node is given.
+
+    Attributes:
+        name: the fx node name (``layer1_0_conv1``), used in errors and reports.
+        op: ``call_module``, ``call_function`` or ``call_method``.
+        target: module qualname, function object or method name.
+        module: the called module for ``call_module`` nodes, else ``None``.
+        args, kwargs: the node's arguments with every fx node replaced by its recorded value
+            (``None`` for tensors the rule did not ask to keep; see ``Rule.saves``).
+        inputs: the recorded value of each input slot (same ``None`` convention).
+        input_shapes: the shape of each input slot (``None`` for non-tensors).
+        output: the recorded output (``None`` unless the rule saves it).
+        output_shape: the shape of the output (a tuple of shapes for tuple outputs).
+        batch_size: ``B``, the size of dim 0 of the explained input.
+        is_parameter: per slot, whether it is a constant: a parameter or buffer (``get_attr``) or a
+            value computed from them alone (it does not depend on the input).
+        options: free-form per-node options set by a composite (e.g. z-box bounds).
+    """
+
+    name: str
+    op: str
+    target: Any
+    module: Optional[nn.Module]
+    args: tuple
+    kwargs: dict
+    inputs: list
+    input_shapes: list
+    output: Any
+    output_shape: Any
+    batch_size: int
+    is_parameter: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """A short human description: ``node `x` (torch.roll)``."""
+        return f"node `{self.name}` ({describe_target(self.op, self.target, self.module)})"
+
+
+class Rule:
+    """Base class of relevance rules.
+
+    Class attributes a subclass may set:
+        saves: which recorded values the rule needs: ``"inputs"`` and/or ``"output"``. The
+            forward recorder keeps only these, so a shape op that saves nothing costs no memory.
+        exact: the rule only routes relevance (shape ops, pass-through); its mass is conserved by
+            construction.
+        renormalise: after the conservation report has measured the rule's output, the walker
+            rescales each input's relevance to unit L1 mass per sample (the absLRP "HEAD" code).
+    """
+
+    saves: frozenset = frozenset({"inputs", "output"})
+    exact: bool = False
+    renormalise: bool = False
+
+    @property
+    def name(self) -> str:
+        """Name shown in reports; defaults to the class name."""
+        return type(self).__name__
+
+    def __call__(self, ctx: NodeContext, relevance: Relevance) -> Sequence[Relevance]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class FunctionRule(Rule):
+    """Wraps a plain function ``fn(ctx, relevance) -> sequence`` as a rule (for ``register_rule``)."""
+
+    def __init__(self, fn: Callable, saves: Sequence[str] = ("inputs", "output"),
+                 exact: bool = False, renormalise: bool = False, name: Optional[str] = None):
+        self.fn = fn
+        self.saves = frozenset(saves)
+        self.exact = exact
+        self.renormalise = renormalise
+        self._name = name or getattr(fn, "__name__", "FunctionRule")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __call__(self, ctx: NodeContext, relevance: Relevance) -> Sequence[Relevance]:
+        return self.fn(ctx, relevance)
+
+
+class Split:
+    """Relevance for one input slot kept as its positive and negative streams (``pos + neg``)."""
+
+    __slots__ = ("pos", "neg")
+
+    def __init__(self, pos: Optional[Tensor], neg: Optional[Tensor]):
+        self.pos = pos
+        self.neg = neg
+
+    def total(self) -> Optional[Tensor]:
+        if self.pos is None:
+            return self.neg
+        if self.neg is None:
+            return self.pos
+        return self.pos + self.neg
+
+    def map(self, fn) -> "Split":
+        return Split(None if self.pos is None else fn(self.pos), None if self.neg is None else fn(self.neg))
+
+
+
+# --------------------------------------------------------------------------------------------
+# numerics shared by rules and the walker
+
+
+def feature_dims(t: Tensor) -> tuple:
+    """The dims of a ``(K, B, ...)`` relevance tensor that a per-sample reduction sums over."""
+    return tuple(range(2, t.dim()))
+
+
+def sample_sum(t: Tensor) -> Tensor:
+    """Sum of a ``(K, B, ...)`` tensor per (k, sample): shape ``(K, B)``."""
+    return t.sum(dim=feature_dims(t)) if t.dim() > 2 else t
+
+
+def expand_stats(s: Tensor, like: Tensor) -> Tensor:
+    """Reshape a ``(K, B)`` statistic so that it broadcasts against ``like`` (``(K, B, ...)``)."""
+    return s.reshape(s.shape + (1,) * (like.dim() - 2))
+
+
+def unit_l1(t: Tensor, eps: float = EPS) -> Tensor:
+    """Rescale each (k, sample) of ``t`` to unit L1 mass, signs kept (the reference's SUM_TO_ONE)."""
+    return t / expand_stats(sample_sum(t.abs()) + eps, t)
+
+
+def stabilise(z: Tensor, eps: float) -> Tensor:
+    """``z + eps * sign(z)`` with sign(0) taken as +1, so the result is never zero for eps > 0."""
+    return z + eps * (z >= 0).to(z.dtype) * 2 - eps
+
+
+def flat_k(t: Tensor) -> Tensor:
+    """Merge the K and batch axes: ``(K, B, ...) -> (K*B, ...)`` for ops that need a plain batch."""
+    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:]))
+
+
+def unflat_k(t: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`flat_k`."""
+    return t.reshape((k, t.shape[0] // k) + tuple(t.shape[1:]))
+
+
+def unbroadcast(r: Tensor, shape: Sequence[int], batch_size: int) -> Tensor:
+    """Sum a ``(K, *out_shape)`` relevance down to an operand that was broadcast to ``out_shape``.
+
+    The batch axis is kept even when the operand had size 1 there (a parameter such as a position
+    embedding): its relevance stays per sample, shaped ``(K, B, *shape[1:])``, so reports can say
+    how much each sample gave to it.
+    """
+    shape = tuple(shape)
+    out_rank = r.dim() - 1
+    if len(shape) < out_rank:
+        shape = (1,) * (out_rank - len(shape)) + shape
+    dims = [i + 1 for i, (s, o) in enumerate(zip(shape, r.shape[1:])) if s == 1 and o != 1 and i > 0]
+    if dims:
+        r = r.sum(dim=dims, keepdim=True)
+    if shape[0] == 1 and r.shape[1] != batch_size:
+        r = r.sum(dim=1, keepdim=True)
+    return r
+
+
+def conserve_signs(relevance: Tensor, raw: Callable[[Tensor], list], scale: Tensor) -> list:
+    """The paper-era absLRP sign split (spec 1.3): conserve positive and negative mass separately.
+
+    ``raw(s)`` maps a stacked ``(K', B, ...)`` stabilised relevance to the un-normalised input
+    relevance of every slot (a list, ``None`` for slots that get none); it must be linear in ``s``.
+    With ``S = relevance / scale``, ``S+ = max(S, 0)`` and ``S- = min(S, 0)`` are pushed through
+    ``raw`` in one batched call, and every slot gets ``P * r+ / |r+| + |N| * r- / |r-|``, where P and
+    N are the positive and negative mass of ``relevance`` and ``|.|`` is the L1 mass summed over
+    all slots (so multi-input nodes split by each operand's share, as the paper-era code does).
+    Each slot's result is a :class:`Split` so that the report can measure both streams before
+    they are added (and partly cancel).
+    """
+    s = relevance / scale
+    pos_mass = sample_sum(relevance.clamp(min=0))
+    neg_mass = sample_sum(relevance.clamp(max=0))
+    k = relevance.shape[0]
+    has_pos = bool((pos_mass != 0).any())
+    has_neg = bool((neg_mass != 0).any())
+    streams = []
+    if has_pos:
+        streams.append(s.clamp(min=0))
+    if has_neg:
+        streams.append(s.clamp(max=0))
+    if not streams:
+        return [None for _ in raw(s)]
+    stacked = torch.cat(streams, dim=0) if len(streams) == 2 else streams[0]
+    out = raw(stacked)
+
+    def split(r: Optional[Tensor]):
+        if r is None:
+            return None, None
+        if has_pos and has_neg:
+            return r[:k], r[k:]
+        return (r, None) if has_pos else (None, r)
+
+    parts = [split(r) for r in out]
+    total = {}
+    for sign, idx in (("pos", 0), ("neg", 1)):
+        masses = [sample_sum(p[idx].abs()) for p in parts if p[idx] is not None]
+        total[sign] = sum(masses) if masses else None
+    result = []
+    for (rp, rn) in parts:
+        if rp is None and rn is None:
+            result.append(None)
+            continue
+        pos = None if rp is None else rp * expand_stats(pos_mass / (total["pos"] + EPS), rp)
+        neg = None if rn is None else rn * expand_stats(neg_mass.abs() / (total["neg"] + EPS), rn)
+        result.append(Split(pos, neg))
+    return result
+
+
+def describe_target(op: str, target: Any, module: Optional[nn.Module] = None) -> str:
+    """Readable name of what a node calls: ``torch.nn.Conv2d``, ``torch.roll``, ``Tensor.view``."""
+    if op == "call_module" and module is not None:
+        t = type(module)
+        return f"{t.__module__}.{t.__qualname__}"
+    if op == "call_method":
+        return f"Tensor.{target}"
+    if op == "call_function":
+        mod = getattr(target, "__module__", None) or ""
+        name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+        if mod in ("_operator", "operator"):
+            return f"operator.{name}"
+        if mod.startswith("torch._C") or mod == "torch":
+            return f"torch.{name}"
+        if mod == "torch.nn.functional":
+            return f"torch.nn.functional.{name}"
+        return f"{mod}.{name}" if mod else name
+    return f"{op} {target}"

@@ -1,0 +1,92 @@
+"""Tracing a model into a ``torch.fx`` graph, with a leaf policy driven by the rule registry.
+
+Modules whose type has a rule stay single ``call_module`` nodes; containers (``nn.Sequential``,
+timm blocks, user modules) are traced through, so their residual additions and functional ops
+become visible nodes. When tracing fails, the error names the innermost module being traced and
+says how to make it a leaf.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+from torch import fx, nn
+
+
+class LRPTraceError(RuntimeError):
+    """The model could not be traced by ``torch.fx``."""
+
+
+class LRPTracer(fx.Tracer):
+    """``fx.Tracer`` whose leaves are the modules that have a rule (plus user-named leaves).
+
+    Args:
+        has_rule: predicate ``module -> bool`` telling whether a rule exists for a module.
+        leaf_modules: qualified names or module types to keep as leaves regardless.
+    """
+
+    def __init__(self, has_rule: Callable[[nn.Module], bool],
+                 leaf_modules: Iterable[Any] = ()):
+        super().__init__()
+        self._has_rule = has_rule
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.module_stack_names: list = []
+        self.failed_in: Optional[tuple] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names:
+            return True
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return False
+        if self._has_rule(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        name = self.path_of_module(m)
+        self.module_stack_names.append((name, type(m)))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (name, type(m))
+            raise
+        finally:
+            self.module_stack_names.pop()
+
+
+def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
+          leaf_modules: Iterable[Any] = (),
+          concrete_args: Optional[Dict[str, Any]] = None) -> fx.GraphModule:
+    """Symbolically trace ``model`` with :class:`LRPTracer` into a ``GraphModule``.
+
+    The returned module shares parameters and submodules with ``model``; nothing in ``model`` is
+    changed. Raises :class:`LRPTraceError` naming the module that could not be traced.
+    """
+    if isinstance(model, fx.GraphModule):
+        return fx.GraphModule(model, model.graph)
+    tracer = LRPTracer(has_rule, leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+        where = tracer.failed_in
+        if where is not None and where[0] != "":
+            name, typ = where
+            raise LRPTraceError(
+                f"cannot trace module `{name}` ({typ.__module__}.{typ.__qualname__}): "
+                f"{type(exc).__name__}: {exc}\n"
+                f"  fix: keep it as one node with Explainer(model, leaf_modules=['{name}']) and "
+                f"register a rule for its type with @lrpgraph.register_rule({typ.__qualname__})"
+            ) from exc
+        typ = type(model)
+        raise LRPTraceError(
+            f"cannot trace model {typ.__module__}.{typ.__qualname__}: {type(exc).__name__}: {exc}\n"
+            "  fix: data-dependent control flow in the top-level forward cannot be traced; pass "
+            "concrete_args for the arguments that drive it, or wrap the model so that its forward "
+            "is traceable"
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, class_name=f"{name}LRPGraph")

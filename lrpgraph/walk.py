@@ -1,0 +1,143 @@
+"""The backward interpreter: walks the graph in reverse topological order and applies rules.
+
+Relevance is kept per fx node and summed where a node fans out to several users. A node is
+processed once every user has delivered (fx graphs are topologically sorted, so reversed node
+order guarantees it), its rule is called, the conservation statistics are taken, and its
+relevance and recorded activations are freed.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor, fx
+
+from .record import NoRuleError, Plan, Recording, no_rule_message
+from .report import NodeBalance, balance, stats
+from .rule import NodeContext, Relevance, Rule, Split, describe_target, unit_l1, unbroadcast
+
+
+class RuleError(RuntimeError):
+    """A rule failed or returned relevance of the wrong form; the message names the node."""
+
+
+def _add(a: Relevance, b: Relevance) -> Relevance:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a + b
+    if isinstance(a, list) and isinstance(b, list):
+        n = max(len(a), len(b))
+        a = a + [None] * (n - len(a))
+        b = b + [None] * (n - len(b))
+        return [_add(x, y) for x, y in zip(a, b)]
+    raise RuleError("cannot sum a tensor relevance with a tuple relevance at a fan-out")
+
+
+def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule) -> NodeContext:
+    vals, shapes = rec.values, rec.shapes
+    get = lambda n: vals.get(n)  # noqa: E731
+    slots = plan.slots[node]
+    return NodeContext(
+        name=node.name, op=node.op, target=node.target, module=plan.modules.get(node),
+        args=fx.node.map_arg(node.args, get), kwargs=fx.node.map_arg(node.kwargs, get),
+        inputs=[vals.get(s) for s in slots], input_shapes=[shapes.get(s) for s in slots],
+        output=vals.get(node), output_shape=shapes.get(node), batch_size=rec.batch_size,
+        is_parameter=[s.op == "get_attr" or s not in plan.live for s in slots], options=plan.options.get(node, {}),
+    )
+
+
+def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
+         report: bool = True, keep: Optional[set] = None) -> Dict[str, Any]:
+    """Propagate ``start`` (``(K, *start_node_shape)``) from ``start_node`` to the inputs.
+
+    Returns ``{"inputs": [relevance per placeholder], "balance": [NodeBalance], "absorbed":
+    {node name: relevance}, "kept": {node name: relevance}}``. ``keep`` names nodes whose
+    incoming relevance is returned as well (latent relevance, debugging).
+    """
+    B = rec.batch_size
+    rel: Dict[fx.Node, Relevance] = {start_node: start}
+    delivered: Dict[fx.Node, Tensor] = {}  # positive mass delivered as separate streams
+    rows: List[NodeBalance] = []
+    kept: Dict[str, Relevance] = {}
+    absorbed: Dict[str, Relevance] = {}
+    placeholders = set(plan.placeholders)
+    for node in reversed(plan.nodes):
+        r = rel.pop(node, None)
+        if r is None:
+            rec.values.pop(node, None)
+            continue
+        if keep is not None and node.name in keep:
+            kept[node.name] = r
+        if node in placeholders:
+            rel[node] = r  # collected below
+            continue
+        rule = plan.rules.get(node)
+        if rule is None and node in plan.live and node.op != "get_attr":
+            raise NoRuleError(no_rule_message(node, plan.modules.get(node), plan.preset))
+        if rule is None:  # a parameter, buffer or constant: it absorbs relevance by design
+            what = "a parameter" if node.op == "get_attr" else "a constant (independent of the input)"
+            if report:
+                rows.append(balance(node.name, node.op, "absorbed", r, None, B,
+                                    note=f"absorbed by {what}"))
+            absorbed[node.name] = r
+            continue
+        ctx = _context(plan, rec, node, rule)
+        try:
+            out = list(rule(ctx, r))
+        except RuleError:
+            raise
+        except Exception as exc:
+            raise RuleError(f"rule {rule.name} failed at {ctx.describe()}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+        slots = plan.slots[node]
+        if len(out) != len(slots):
+            raise RuleError(f"rule {rule.name} at {ctx.describe()} returned {len(out)} relevance "
+                            f"entries for {len(slots)} input slot(s)")
+        out = [_fit(o, ctx, i, rule) for i, o in enumerate(out)]
+        if report:
+            rows.append(balance(node.name, describe_target(node.op, node.target, ctx.module),
+                                rule.name, r, out, B, delivered_pos=delivered.pop(node, None),
+                                note="renormalised to unit mass after this row" if rule.renormalise else ""))
+        for s, o in zip(slots, out):
+            if o is None:
+                continue
+            if report and isinstance(o, (Tensor, Split)):
+                pos = o.pos if isinstance(o, Split) else o
+                if pos is not None:
+                    delivered[s] = delivered.get(s, 0) + stats(pos, B)[1]
+            if isinstance(o, Split):
+                o = o.total()
+            if rule.renormalise and isinstance(o, Tensor):
+                o = unit_l1(o)
+            rel[s] = _add(rel.get(s), o)
+        rec.values.pop(node, None)
+    inputs = [rel.pop(p, None) for p in plan.placeholders]
+    return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept}
+
+
+def _fit(o: Relevance, ctx: NodeContext, i: int, rule: Rule) -> Relevance:
+    """Check a rule's output for slot ``i`` against the slot's shape; sum broadcast operands."""
+    if o is None:
+        return None
+    shape = ctx.input_shapes[i]
+    if shape is None:
+        return None  # a non-tensor slot (size, dim) receives nothing
+    if isinstance(o, list):
+        return o
+    if isinstance(o, Split):
+        return o.map(lambda t: _fit(t, ctx, i, rule))
+    if not isinstance(o, Tensor):
+        raise RuleError(f"rule {rule.name} at {ctx.describe()} returned {type(o).__name__} for input {i}")
+    want = tuple(shape)
+    if tuple(o.shape[1:]) == want:
+        return o
+    if ctx.is_parameter[i] or (len(want) > 0 and want[0] == 1):
+        return unbroadcast(o, want, ctx.batch_size)
+    try:
+        return unbroadcast(o, want, ctx.batch_size).reshape((o.shape[0],) + want)
+    except RuntimeError:
+        raise RuleError(f"rule {rule.name} at {ctx.describe()} returned relevance of shape "
+                        f"{tuple(o.shape)} for input {i} of shape {want} (expected (K, *{want}))")

@@ -1,0 +1,22 @@
+"""The rule registry's rules, installed as ``lrpgraph.rules``.
+
+* :mod:`lrpgraph.rules.abslrp`: absLRP, both formulations (paper-era conserving, current code).
+* :mod:`lrpgraph.rules.classic`: LRP-0, epsilon, gamma, alpha-beta, z+, flat, w-square, z-box.
+* :mod:`lrpgraph.rules.structural`: shape ops that route relevance exactly.
+* :mod:`lrpgraph.rules.affine`: the weighted ops (Linear, Conv, BatchNorm, pools) as forward and
+  explicit transpose, shared by every rule family.
+
+A rule is a callable ``rule(ctx, relevance) -> one relevance per input slot``; see
+:mod:`lrpgraph.rule` for the contract.
+"""
+from .abslrp import AbsAdd, AbsAffine, AbsBatchNormTwoStage, AbsElementwise, AbsLRP, AbsMaxPool, AbsScale
+from .classic import AddEpsilon, AlphaBeta, Epsilon, Flat, Gamma, WinnerTakesAll, WSquare, ZBox, ZPlus
+from .structural import (Cat, Expand, GetItem, NoRelevance, PassThrough, Permute, Reshape, Split_, Stack,
+                         Structural, Transpose, Unbind)
+
+__all__ = [
+    "AbsAdd", "AbsAffine", "AbsBatchNormTwoStage", "AbsElementwise", "AbsLRP", "AbsMaxPool", "AbsScale",
+    "AddEpsilon", "AlphaBeta", "Epsilon", "Flat", "Gamma", "WinnerTakesAll", "WSquare", "ZBox", "ZPlus",
+    "Cat", "Expand", "GetItem", "NoRelevance", "PassThrough", "Permute", "Reshape", "Split_", "Stack",
+    "Structural", "Transpose", "Unbind",
+]

@@ -1,0 +1,324 @@
+"""absLRP: relative absolute magnitude LRP (Vukadin et al., ACM TIST 2024).
+
+Spec: ``shared/docs/abslrp-spec.md``. Every rule here computes the building block of spec 1.1,
+
+    r_k = a_k * VJP_{a_k}(h + h_abs)[S],   S = R / (|h| + 1e-9),
+
+written as explicit tensor maths per op (for an affine op: ``x * (W^T S) + |x| * (|W|^T S)``).
+Two variants share it:
+
+* ``"paper"`` (preset ``abslrp``, spec 1.3): S is split into its positive and negative parts,
+  both pushed through in one batched call, and the positive and negative relevance masses are
+  conserved separately, jointly over all inputs of the node (so a residual addition splits by
+  each summand's positive contribution, spec 2.9). Non-parametric element-wise ops use the twin
+  ``|f(x)|`` (spec 2.4).
+* ``"head"`` (preset ``abslrp-renorm``, spec 1.1): the raw ``r_k`` is returned; the walker
+  measures it for the conservation report and then renormalises every input to unit L1 mass
+  (so residual additions split 50/50). Element-wise ops use the twin ``f(|x|)``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrpgraph.rule import EPS, NodeContext, Rule, Split, conserve_signs, flat_k, unflat_k
+
+from .affine import affine_of
+
+VARIANTS = ("paper", "head")
+
+
+class AbsLRP(Rule):
+    """Base of the absLRP rules: subclasses implement :meth:`contributions`.
+
+    Args:
+        variant: ``"paper"`` (sign-split, conserving) or ``"head"`` (raw, renormalised by the walker).
+        divide: divide the relevance by ``|h|`` (spec ``divide_relevance``; ``False`` only for the
+            reference's VGG max-pool variant).
+    """
+
+    kind = "abslrp"
+
+    def __init__(self, variant: str = "paper", divide: bool = True):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.divide = divide
+        self.renormalise = variant == "head"
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}[{self.variant}]"
+
+    def denominator(self, ctx: NodeContext) -> Tensor:
+        h = ctx.output
+        return h.abs() + EPS
+
+    def contributions(self, ctx: NodeContext, s: Tensor) -> List[Optional[Tensor]]:
+        """``a_k * VJP_{a_k}(h + h_abs)[s]`` for every slot (linear in ``s``)."""
+        raise NotImplementedError
+
+    def __call__(self, ctx: NodeContext, relevance: Tensor):
+        den = self.denominator(ctx) if self.divide else torch.ones((), dtype=relevance.dtype,
+                                                                   device=relevance.device)
+        if self.variant == "paper":
+            return conserve_signs(relevance, lambda s: self.contributions(ctx, s), den)
+        return self.contributions(ctx, relevance / den)
+
+
+def _nonneg(x: Tensor) -> bool:
+    return bool((x >= 0).all())
+
+
+class AbsAffine(AbsLRP):
+    """Linear, Conv1d/2d/3d, BatchNorm (one stage), average pools, means: ``x*(W^T S) + |x|*(|W|^T S)``.
+
+    For non-negative inputs (after a ReLU) this is ``2 x * (W+^T S)``: one transposed product.
+    """
+
+    kind = "abslrp.affine"
+
+    def contributions(self, ctx, s):
+        op = affine_of(ctx)
+        x = ctx.inputs[op.slot]
+        w = op.weight
+        if w is None or _nonneg(w):  # pooling kernels: W = |W|
+            r = (x + x.abs()) * op.transpose(s, w)
+        elif _nonneg(x):
+            r = 2 * x * op.transpose(s, w.clamp(min=0))
+        else:
+            r = x * op.transpose(s, w) + x.abs() * op.transpose(s, w.abs())
+        return op.place(r)
+
+
+class AbsBatchNormTwoStage(AbsLRP):
+    """Paper-era BatchNorm (spec 2.3): normalise ``h1 = (x - mu)/sigma`` then affine ``g*h1 + b``,
+    each stage its own sign-split conserving step; relevance reaches only ``x > 0``."""
+
+    kind = "abslrp.batchnorm2"
+
+    def __call__(self, ctx, relevance):
+        m = ctx.module
+        if m.training or m.running_mean is None:
+            affine_of(ctx)  # raises the explanatory error
+        x = ctx.inputs[0]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        sigma = torch.sqrt(m.running_var + m.eps).reshape(shape)
+        mu = m.running_mean.reshape(shape)
+        gamma = (m.weight if m.weight is not None else torch.ones_like(m.running_var)).reshape(shape)
+        h1 = (x - mu) / sigma
+        # stage 2: h = gamma*h1 + beta, twin |gamma||h1| + |beta|
+        stage2 = conserve_signs(relevance, lambda s: [2 * (gamma * h1).clamp(min=0) * s],
+                                ctx.output.abs() + EPS)[0]
+        r1 = stage2.total() if stage2 is not None else torch.zeros_like(relevance)
+        # stage 1: h1 = (x - mu)/sigma, twin (|x| - |mu|)/sqrt(|var| + eps): d(h1 + twin)/dx = 2[x>0]/sigma
+        return conserve_signs(r1, lambda s: [2 * x.clamp(min=0) / sigma * s], h1.abs() + EPS)
+
+
+class AbsAdd(AbsLRP):
+    """Residual and other additions ``a + b``: ``r_a = 2 a+ * S``, ``r_b = 2 b+ * S`` (twin ``|a|+|b|``).
+
+    ``paper``: joint conservation gives each summand its share of the positive contribution.
+    ``head``: each summand is renormalised to unit mass (a fixed 50/50 split).
+    Constant summands (numbers) take no relevance slot; their share is absorbed.
+    """
+
+    kind = "abslrp.add"
+
+    def contributions(self, ctx, s):
+        out = []
+        for v in ctx.inputs:
+            out.append(None if not isinstance(v, Tensor) else 2 * v.clamp(min=0) * s)
+        return out
+
+
+class AbsScale(AbsLRP):
+    """Multiplication by a constant (number or parameter) ``y = c * x``: ``r_x = 2 (c x)+ * S``."""
+
+    kind = "abslrp.scale"
+
+    def contributions(self, ctx, s):
+        i, x, c = constant_operand(ctx)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[i] = 2 * (c * x).clamp(min=0) * s
+        return out
+
+
+def constant_operand(ctx: NodeContext):
+    """For ``x * c`` or ``x / c`` with one activation ``x``: (slot of x, x, multiplier c)."""
+    acts = [i for i, const in enumerate(ctx.is_parameter) if not const]
+    if len(acts) != 1:
+        raise NotImplementedError(f"{ctx.describe()} combines {len(acts)} activations; a product "
+                                  "of activations needs a product rule (see the transformer rules)")
+    i = acts[0]
+    x = ctx.inputs[i]
+    a, b = ctx.args[0], ctx.args[1]
+    other = b if a is x else a
+    if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide):
+        if a is not x:
+            raise NotImplementedError(f"{ctx.describe()} divides by an activation")
+        other = 1.0 / other
+    return i, x, other
+
+
+class AbsElementwise(AbsLRP):
+    """Element-wise activation ``y = f(x)`` with an explicit derivative ``df``.
+
+    ``head`` twin ``f(|x|)``: ``r = [x f'(x) + |x| f'(|x|)] * S``.
+    ``paper`` twin ``|f(x)|``: ``r = x f'(x) (1 + sign f(x)) * S``.
+    """
+
+    kind = "abslrp.elementwise"
+
+    def __init__(self, f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor],
+                 variant: str = "paper", label: str = "", slope_attr: Optional[str] = None):
+        super().__init__(variant)
+        self.f, self.df, self.label = f, df, label
+
+    @property
+    def name(self) -> str:
+        return f"abslrp.{self.label or 'elementwise'}[{self.variant}]"
+
+    def contributions(self, ctx, s):
+        x = ctx.inputs[0]
+        f, df = _bind(self.f, self.df, ctx)
+        if s.shape[1:] != x.shape:  # nn.Flatten: element-wise, but the output is reshaped
+            s = s.reshape((s.shape[0],) + tuple(x.shape))
+        if self.variant == "head":
+            g = x * df(x) + x.abs() * df(x.abs())
+        else:
+            y = ctx.output.reshape(x.shape)
+            g = x * df(x) * (1 + torch.sign(y))
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = g * s
+        return out
+
+
+def _bind(f, df, ctx):
+    """Element-wise functions may depend on the module (LeakyReLU slope, GELU approximation)."""
+    m = ctx.module
+    if m is not None and hasattr(m, "negative_slope"):
+        a = m.negative_slope
+        return (lambda x: F.leaky_relu(x, a)), (lambda x: torch.where(x > 0, 1.0, a).to(x.dtype))
+    if ctx.kwargs.get("negative_slope") is not None or (ctx.target is F.leaky_relu and len(ctx.args) > 1):
+        a = ctx.kwargs.get("negative_slope", ctx.args[1] if len(ctx.args) > 1 else 0.01)
+        return (lambda x: F.leaky_relu(x, a)), (lambda x: torch.where(x > 0, 1.0, a).to(x.dtype))
+    approx = getattr(m, "approximate", None) or ctx.kwargs.get("approximate")
+    if approx == "tanh" and f is gelu_erf:
+        return gelu_tanh, d_gelu_tanh
+    return f, df
+
+
+# explicit derivatives -------------------------------------------------------------------------
+
+def d_relu(x: Tensor) -> Tensor:
+    return (x > 0).to(x.dtype)
+
+
+def d_sigmoid(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def d_tanh(x: Tensor) -> Tensor:
+    return 1 - torch.tanh(x) ** 2
+
+
+def d_silu(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def gelu_erf(x: Tensor) -> Tensor:
+    return F.gelu(x)
+
+
+def d_gelu_erf(x: Tensor) -> Tensor:
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return cdf + x * pdf
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def d_gelu_tanh(x: Tensor) -> Tensor:
+    c = math.sqrt(2 / math.pi)
+    u = c * (x + 0.044715 * x ** 3)
+    t = torch.tanh(u)
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+
+
+def d_leaky(x: Tensor) -> Tensor:  # default slope; module slopes are bound in _bind
+    return torch.where(x > 0, 1.0, 0.01).to(x.dtype)
+
+
+ELEMENTWISE = {
+    "relu": (F.relu, d_relu),
+    "leaky_relu": (F.leaky_relu, d_leaky),
+    "gelu": (gelu_erf, d_gelu_erf),
+    "silu": (F.silu, d_silu),
+    "sigmoid": (torch.sigmoid, d_sigmoid),
+    "tanh": (torch.tanh, d_tanh),
+}
+
+
+class AbsMaxPool(AbsLRP):
+    """Max pooling: relevance to the arg-max input of each window (overlaps accumulate).
+
+    ``head`` twin ``maxpool(|x|)``: ``r = x * scatter_x(S) + |x| * scatter_|x|(S)``.
+    ``paper`` twin ``|h|``: ``r = x * scatter_x((1 + sign h) S)``. With ``divide=True`` (default)
+    ``S = R/|h|`` so a positive winner gets ``2R``; ``divide=False`` is the reference's VGG variant.
+    """
+
+    kind = "abslrp.maxpool"
+
+    def contributions(self, ctx, s):
+        x = ctx.inputs[0]
+        cfg = maxpool_config(ctx)
+        if self.variant == "paper":
+            r = x * scatter_max(x, (1 + torch.sign(ctx.output)) * s, cfg)
+        elif _nonneg(x):
+            r = 2 * x * scatter_max(x, s, cfg)
+        else:
+            r = x * scatter_max(x, s, cfg) + x.abs() * scatter_max(x.abs(), s, cfg)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = r
+        return out
+
+
+_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def maxpool_config(ctx: NodeContext) -> dict:
+    """Kernel, stride, padding, dilation and ceil_mode of a max-pool node (module or function)."""
+    m = ctx.module
+    nd = len(ctx.input_shapes[0]) - 2
+    if m is not None:
+        return dict(nd=nd, kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                    dilation=m.dilation, ceil_mode=m.ceil_mode)
+    a = list(ctx.args) + [None] * 6
+    kw = ctx.kwargs
+    get = lambda i, n, d: kw.get(n, a[i] if a[i] is not None else d)  # noqa: E731
+    ks = get(1, "kernel_size", None)
+    return dict(nd=nd, kernel_size=ks, stride=get(2, "stride", None) or ks, padding=get(3, "padding", 0),
+                dilation=get(4, "dilation", 1), ceil_mode=get(5, "ceil_mode", False))
+
+
+def scatter_max(x: Tensor, s: Tensor, cfg: dict) -> Tensor:
+    """Route ``s`` (``(K, *out)``) to the arg-max input of each window of ``x``: ``(K, *x.shape)``."""
+    nd = cfg["nd"]
+    _, idx = _MAXPOOL[nd](x, cfg["kernel_size"], cfg["stride"], cfg["padding"], cfg["dilation"],
+                          cfg["ceil_mode"], return_indices=True)
+    k = s.shape[0]
+    spatial = int(torch.tensor(x.shape[2:]).prod())
+    flat_idx = idx.reshape(1, x.shape[0], x.shape[1], -1).expand(k, -1, -1, -1)
+    out = torch.zeros((k, x.shape[0], x.shape[1], spatial), dtype=s.dtype, device=s.device)
+    out.scatter_add_(-1, flat_idx, s.reshape(k, x.shape[0], x.shape[1], -1))
+    return out.reshape((k,) + tuple(x.shape))
