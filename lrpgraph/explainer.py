@@ -41,10 +41,11 @@ class Explanation:
     latent: Dict[str, Any] = field(default_factory=dict)
     absorbed: Dict[str, Any] = field(default_factory=dict)
     _rows: List[NodeBalance] = field(default_factory=list, repr=False)
+    sign_split: bool = False
 
     def conservation(self) -> ConservationReport:
         """Per-node relevance in and out, before any normalisation (see :mod:`lrpgraph.report`)."""
-        return ConservationReport(list(self._rows), preset=self.preset)
+        return ConservationReport(list(self._rows), preset=self.preset, masses=self.sign_split)
 
 
 class Explainer:
@@ -180,7 +181,8 @@ class Explainer:
         if output_relevance is None and not multi:
             tgt = tgt[:, 0]
         return Explanation(relevance=rel, logits=logits, target=tgt, preset=self.preset,
-                           latent=res["kept"], absorbed=res["absorbed"], _rows=res["balance"])
+                           latent=res["kept"], absorbed=res["absorbed"], _rows=res["balance"],
+                           sign_split=self.composite.start.name == "signed")
 
     def _forward_error(self, x: Tensor, exc: Exception) -> str:
         return (f"the model's forward failed on an input of shape {tuple(x.shape)}, dtype {x.dtype}, "

@@ -10,8 +10,9 @@ Each row holds, per relevance pass k and sample b (tensors shaped ``(K, B)``):
   negative streams are measured before they are added, so cancellation is not mistaken for loss;
 * ``cancelled``: positive mass that was delivered to this node by its users as separate streams
   and cancelled against negative mass when they were added (by design in ``abslrp``);
-* ``abs_err`` = max(|in_sum - out_sum|, |in_pos - out_pos|, |in_neg - out_neg|) and ``rel_err`` =
-  ``abs_err`` / (in_pos + |in_neg|).
+* ``abs_err`` = |in_sum - out_sum| and ``rel_err`` = ``abs_err`` / (in_pos + |in_neg|); ``mass_err``
+  = max(|in_pos - out_pos|, |in_neg - out_neg|), which the sign-split ``abslrp`` preset also keeps
+  (the report checks it for that preset; classic LRP-0 keeps the total but not the masses).
 
 Nodes that absorb relevance by design (parameters such as a position embedding, constants) get a
 row with ``out = 0`` and a note, and are not counted as leaks.
@@ -96,16 +97,30 @@ class NodeBalance:
 
     @property
     def abs_err(self) -> Tensor:
-        return torch.stack([(self.in_sum - self.out_sum).abs(), (self.in_pos - self.out_pos).abs(),
-                            (self.in_neg - self.out_neg).abs()]).amax(0)
+        """|in_sum - out_sum| per (pass, sample): the signed total that every LRP rule should keep."""
+        return (self.in_sum - self.out_sum).abs()
+
+    @property
+    def mass_err(self) -> Tensor:
+        """max(|in_pos - out_pos|, |in_neg - out_neg|): what the sign-split absLRP rule keeps too."""
+        return torch.maximum((self.in_pos - self.out_pos).abs(), (self.in_neg - self.out_neg).abs())
+
+    @property
+    def scale(self) -> Tensor:
+        return self.in_pos + self.in_neg.abs() + TINY
 
     @property
     def rel_err(self) -> Tensor:
-        return self.abs_err / (self.in_pos + self.in_neg.abs() + TINY)
+        """``abs_err`` relative to the total absolute mass that came in."""
+        return self.abs_err / self.scale
 
-    def worst(self) -> float:
-        """The largest relative error over passes and samples (0 for by-design absorption)."""
-        return 0.0 if self.by_design else float(self.rel_err.max())
+    def worst(self, masses: bool = False) -> float:
+        """The largest relative error over passes and samples (0 for by-design absorption);
+        with ``masses`` the positive and negative masses count as well."""
+        if self.by_design:
+            return 0.0
+        err = self.abs_err if not masses else torch.maximum(self.abs_err, self.mass_err)
+        return float((err / self.scale).max())
 
 
 def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
@@ -125,10 +140,16 @@ def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch
 
 @dataclass
 class ConservationReport:
-    """Rows in backward order (output first). Iterate, index by node name, or print ``table()``."""
+    """Rows in backward order (output first). Iterate, index by node name, or print ``table()``.
+
+    ``masses``: whether leaks are judged on the positive and negative masses as well as on the
+    signed total (true for the sign-split ``abslrp`` preset, whose guarantee that is; classic
+    rules such as LRP-0 conserve the total but may create positive and negative mass).
+    """
 
     rows: List[NodeBalance] = field(default_factory=list)
     preset: str = ""
+    masses: bool = False
 
     def __iter__(self) -> Iterator[NodeBalance]:
         return iter(self.rows)
@@ -142,33 +163,41 @@ class ConservationReport:
                 return r
         raise KeyError(name)
 
-    def leaks(self, tol: float = 1e-5) -> List[NodeBalance]:
+    def _masses(self, masses: Optional[bool]) -> bool:
+        return self.masses if masses is None else masses
+
+    def leaks(self, tol: float = 1e-5, masses: Optional[bool] = None) -> List[NodeBalance]:
         """Rows whose relative error exceeds ``tol`` (by-design absorption excluded)."""
-        return [r for r in self.rows if r.worst() > tol]
+        m = self._masses(masses)
+        return [r for r in self.rows if r.worst(m) > tol]
 
-    def max_rel_error(self) -> float:
+    def max_rel_error(self, masses: Optional[bool] = None) -> float:
         """The worst relative error over all nodes, passes and samples."""
-        return max((r.worst() for r in self.rows), default=0.0)
+        m = self._masses(masses)
+        return max((r.worst(m) for r in self.rows), default=0.0)
 
-    def table(self, tol: float = 1e-5, sample: Optional[int] = None) -> str:
+    def table(self, tol: float = 1e-5, sample: Optional[int] = None, masses: Optional[bool] = None) -> str:
         """A fixed-width text table; leaking rows are marked ``LEAK``. Values are for ``sample``
         (first pass) or, by default, the first sample, with the error column the worst over all."""
+        m = self._masses(masses)
         b = 0 if sample is None else sample
         head = ("node", "op", "rule", "in", "out", "in+", "out+", "in-", "out-", "cancel", "rel.err", "")
         lines = []
         for r in self.rows:
-            flag = "LEAK" if r.worst() > tol else ("by design" if r.by_design else "")
+            w = r.worst(m)
+            flag = "LEAK" if w > tol else ("by design" if r.by_design else "")
             v = lambda t: f"{float(t[0, b]):.6g}"  # noqa: E731
             lines.append((r.name, _short(r.op), r.rule, v(r.in_sum), v(r.out_sum), v(r.in_pos),
                           v(r.out_pos), v(r.in_neg), v(r.out_neg), v(r.cancelled),
-                          f"{r.worst():.2e}", flag + (f" {r.note}" if r.note and flag != "LEAK" else "")))
+                          f"{w:.2e}", flag + (f" {r.note}" if r.note and flag != "LEAK" else "")))
         widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
         fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
         out = [fmt(head), fmt(tuple("-" * w for w in widths))] + [fmt(l) for l in lines]
-        leaks = self.leaks(tol)
+        leaks = self.leaks(tol, m)
+        what = "signed total and positive/negative mass" if m else "signed total"
         out.append("")
-        out.append(f"{len(self.rows)} nodes, preset {self.preset!r}; worst relative error "
-                   f"{self.max_rel_error():.2e}; {len(leaks)} node(s) leak beyond {tol:g}")
+        out.append(f"{len(self.rows)} nodes, preset {self.preset!r}; checked: {what}; worst relative "
+                   f"error {self.max_rel_error(m):.2e}; {len(leaks)} node(s) leak beyond {tol:g}")
         return "\n".join(out)
 
     def to_csv(self) -> str:
@@ -176,14 +205,15 @@ class ConservationReport:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["node", "op", "rule", "pass", "sample", "in_sum", "out_sum", "in_pos", "out_pos",
-                    "in_neg", "out_neg", "cancelled", "abs_err", "rel_err", "by_design", "note"])
+                    "in_neg", "out_neg", "cancelled", "abs_err", "rel_err", "mass_err", "by_design", "note"])
         for r in self.rows:
             ae, re_ = r.abs_err, r.rel_err
+            me = r.mass_err
             for k in range(r.in_sum.shape[0]):
                 for b in range(r.in_sum.shape[1]):
                     w.writerow([r.name, r.op, r.rule, k, b] +
                                [f"{float(t[k, b]):.9g}" for t in (r.in_sum, r.out_sum, r.in_pos, r.out_pos,
-                                                                   r.in_neg, r.out_neg, r.cancelled, ae, re_)] +
+                                                                   r.in_neg, r.out_neg, r.cancelled, ae, re_, me)] +
                                [int(r.by_design), r.note])
         return buf.getvalue()
 

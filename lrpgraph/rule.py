@@ -239,10 +239,39 @@ def conserve_signs(relevance: Tensor, raw: Callable[[Tensor], list], scale: Tens
         if rp is None and rn is None:
             result.append(None)
             continue
-        pos = None if rp is None else rp * expand_stats(pos_mass / (total["pos"] + EPS), rp)
-        neg = None if rn is None else rn * expand_stats(neg_mass.abs() / (total["neg"] + EPS), rn)
+        pos = None if rp is None else rp * expand_stats(_ratio(pos_mass, total["pos"]), rp)
+        neg = None if rn is None else rn * expand_stats(_ratio(neg_mass.abs(), total["neg"]), rn)
         result.append(Split(pos, neg))
     return result
+
+
+def conserve_diagonal(relevance: Tensor, gains: Sequence[Optional[Tensor]]) -> list:
+    """:func:`conserve_signs` for rules whose raw output is ``gain_k * relevance`` with ``gain_k >= 0``
+    element-wise (activations, BatchNorm stages, additions, pass-through).
+
+    Then the positive and negative streams never overlap, so one signed product per slot and a
+    per-sign rescale give exactly the sign-split result: positive mass P and negative mass N of
+    ``relevance`` are conserved jointly over the slots, with no stacking of streams.
+    """
+    prods = [None if g is None else g * relevance for g in gains]
+    pos_mass = sample_sum(relevance.clamp(min=0))
+    neg_mass = sample_sum(relevance) - pos_mass
+    live = [t for t in prods if t is not None]
+    if not live:
+        return prods
+    tp = sum(sample_sum(t.clamp(min=0)) for t in live)
+    tn = sum(sample_sum(t) for t in live) - tp
+    a = _ratio(pos_mass, tp)
+    b = _ratio(neg_mass.abs(), tn.abs())
+    return [None if t is None else t * torch.where(t > 0, expand_stats(a, t), expand_stats(b, t))
+            for t in prods]
+
+
+def _ratio(mass: Tensor, norm: Tensor) -> Tensor:
+    """``mass / norm`` with 0 where ``norm`` is 0: an exact rescale (the reference adds 1e-9 to the
+    norm, which leaks up to 1e-9/norm of the mass once cancellation makes the norm small)."""
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return torch.where(norm > 0, mass / safe, torch.zeros_like(mass))
 
 
 def describe_target(op: str, target: Any, module: Optional[nn.Module] = None) -> str:
@@ -254,7 +283,7 @@ def describe_target(op: str, target: Any, module: Optional[nn.Module] = None) ->
         return f"Tensor.{target}"
     if op == "call_function":
         mod = getattr(target, "__module__", None) or ""
-        name = getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+        name = getattr(target, "__name__", None) or getattr(target, "__qualname__", repr(target))
         if mod in ("_operator", "operator"):
             return f"operator.{name}"
         if mod.startswith("torch._C") or mod == "torch":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrpgraph.rule import EPS, NodeContext, Rule, Split, conserve_signs, flat_k, unflat_k
+from lrpgraph.rule import EPS, NodeContext, Rule, Split, conserve_diagonal, conserve_signs, flat_k, unflat_k
 
 from .affine import affine_of
 
@@ -63,7 +63,17 @@ class AbsLRP(Rule):
         """``a_k * VJP_{a_k}(h + h_abs)[s]`` for every slot (linear in ``s``)."""
         raise NotImplementedError
 
+    def gains(self, ctx: NodeContext) -> Optional[List[Optional[Tensor]]]:
+        """For element-wise rules: ``g_k`` with ``r_k = g_k * R`` and ``g_k >= 0`` (the divisor
+        included), which allows the fast :func:`conserve_diagonal`. ``None``: use the general path."""
+        return None
+
     def __call__(self, ctx: NodeContext, relevance: Tensor):
+        g = self.gains(ctx) if self.divide else None
+        if g is not None:
+            if self.variant == "paper":
+                return conserve_diagonal(relevance, g)
+            return [None if gk is None else gk * relevance for gk in g]
         den = self.denominator(ctx) if self.divide else torch.ones((), dtype=relevance.dtype,
                                                                    device=relevance.device)
         if self.variant == "paper":
@@ -112,12 +122,12 @@ class AbsBatchNormTwoStage(AbsLRP):
         mu = m.running_mean.reshape(shape)
         gamma = (m.weight if m.weight is not None else torch.ones_like(m.running_var)).reshape(shape)
         h1 = (x - mu) / sigma
-        # stage 2: h = gamma*h1 + beta, twin |gamma||h1| + |beta|
-        stage2 = conserve_signs(relevance, lambda s: [2 * (gamma * h1).clamp(min=0) * s],
-                                ctx.output.abs() + EPS)[0]
-        r1 = stage2.total() if stage2 is not None else torch.zeros_like(relevance)
-        # stage 1: h1 = (x - mu)/sigma, twin (|x| - |mu|)/sqrt(|var| + eps): d(h1 + twin)/dx = 2[x>0]/sigma
-        return conserve_signs(r1, lambda s: [2 * x.clamp(min=0) / sigma * s], h1.abs() + EPS)
+        # stage 2: h = gamma*h1 + beta, twin |gamma||h1| + |beta|: r = 2 (gamma h1)+ R / |h|
+        g2 = 2 * (gamma * h1).clamp(min=0) / (ctx.output.abs() + EPS)
+        r1 = conserve_diagonal(relevance, [g2])[0]
+        # stage 1: h1 = (x - mu)/sigma, twin (|x| - |mu|)/sqrt(|var| + eps): r = 2 x+ / sigma R / |h1|
+        g1 = 2 * x.clamp(min=0) / sigma / (h1.abs() + EPS)
+        return conserve_diagonal(r1, [g1])
 
 
 class AbsAdd(AbsLRP):
@@ -136,6 +146,10 @@ class AbsAdd(AbsLRP):
             out.append(None if not isinstance(v, Tensor) else 2 * v.clamp(min=0) * s)
         return out
 
+    def gains(self, ctx):
+        inv = 2 / self.denominator(ctx)
+        return [None if not isinstance(v, Tensor) else v.clamp(min=0) * inv for v in ctx.inputs]
+
 
 class AbsScale(AbsLRP):
     """Multiplication by a constant (number or parameter) ``y = c * x``: ``r_x = 2 (c x)+ * S``."""
@@ -146,6 +160,12 @@ class AbsScale(AbsLRP):
         i, x, c = constant_operand(ctx)
         out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
         out[i] = 2 * (c * x).clamp(min=0) * s
+        return out
+
+    def gains(self, ctx):
+        i, x, c = constant_operand(ctx)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[i] = 2 * (c * x).clamp(min=0) / self.denominator(ctx)
         return out
 
 
@@ -198,16 +218,38 @@ class AbsElementwise(AbsLRP):
         out[0] = g * s
         return out
 
+    def gains(self, ctx):
+        x = ctx.inputs[0]
+        if self.label not in NONNEG_GAIN or tuple(ctx.output_shape) != tuple(x.shape):
+            # sigmoid: x f'(x) < 0 for x < 0, so streams may cross; nn.Flatten reshapes: general path
+            return None
+        f, df = _bind(self.f, self.df, ctx)
+        y = ctx.output.reshape(x.shape)
+        if self.variant == "head":
+            g = x * df(x) + x.abs() * df(x.abs())
+        else:
+            g = x * df(x) * (1 + torch.sign(y))
+        if self.label not in ("relu", "identity", "leaky_relu"):
+            g = g.clamp(min=0)  # exact 0 where rounding would give -0.0-ish values
+        g = g / (y.abs() + EPS)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = g
+        return out
+
+
+#: activations whose gain x f'(x)(1 + sign f(x)) (paper) and x f'(x) + |x| f'(|x|) (head) is >= 0
+NONNEG_GAIN = ("relu", "leaky_relu", "gelu", "silu", "tanh", "identity")
+
 
 def _bind(f, df, ctx):
     """Element-wise functions may depend on the module (LeakyReLU slope, GELU approximation)."""
     m = ctx.module
     if m is not None and hasattr(m, "negative_slope"):
         a = m.negative_slope
-        return (lambda x: F.leaky_relu(x, a)), (lambda x: torch.where(x > 0, 1.0, a).to(x.dtype))
+        return (lambda x: F.leaky_relu(x, a)), (lambda x: _leaky_slope(x, a))
     if ctx.kwargs.get("negative_slope") is not None or (ctx.target is F.leaky_relu and len(ctx.args) > 1):
         a = ctx.kwargs.get("negative_slope", ctx.args[1] if len(ctx.args) > 1 else 0.01)
-        return (lambda x: F.leaky_relu(x, a)), (lambda x: torch.where(x > 0, 1.0, a).to(x.dtype))
+        return (lambda x: F.leaky_relu(x, a)), (lambda x: _leaky_slope(x, a))
     approx = getattr(m, "approximate", None) or ctx.kwargs.get("approximate")
     if approx == "tanh" and f is gelu_erf:
         return gelu_tanh, d_gelu_tanh
@@ -255,8 +297,14 @@ def d_gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
 
 
+def _leaky_slope(x: Tensor, a: float) -> Tensor:
+    """1 where x > 0, else ``a``, in x's dtype. (``torch.where(x > 0, 1.0, a)`` builds the scalars in
+    the default dtype, float32, so a float64 slope such as 0.01 came back rounded to ~1e-8.)"""
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, a))
+
+
 def d_leaky(x: Tensor) -> Tensor:  # default slope; module slopes are bound in _bind
-    return torch.where(x > 0, 1.0, 0.01).to(x.dtype)
+    return _leaky_slope(x, 0.01)
 
 
 ELEMENTWISE = {
