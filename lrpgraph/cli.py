@@ -28,7 +28,8 @@ def _load_model(spec: str, size: int) -> Tuple[nn.Module, Optional[Tensor], Opti
         try:
             import timm
         except Exception as exc:  # ImportError, or torchvision's op-loading RuntimeError
-            raise SystemExit(f"timm models need the zoo extra (pip install 'lrpgraph[zoo]'): {exc}")
+            raise SystemExit(f"timm:{spec[5:]} needs timm and a torchvision that imports here "
+                             f"(pip install 'lrpgraph[zoo]'; see README on CPU-only torch): {exc}")
         torch.manual_seed(0)
         model = timm.create_model(spec[5:], pretrained=False, num_classes=10).eval()
         return model, torch.randn(2, 3, size, size), None

@@ -123,11 +123,11 @@ class AbsBatchNormTwoStage(AbsLRP):
         gamma = (m.weight if m.weight is not None else torch.ones_like(m.running_var)).reshape(shape)
         h1 = (x - mu) / sigma
         # stage 2: h = gamma*h1 + beta, twin |gamma||h1| + |beta|: r = 2 (gamma h1)+ R / |h|
-        g2 = 2 * (gamma * h1).clamp(min=0) / (ctx.output.abs() + EPS)
-        r1 = conserve_diagonal(relevance, [g2])[0]
         # stage 1: h1 = (x - mu)/sigma, twin (|x| - |mu|)/sqrt(|var| + eps): r = 2 x+ / sigma R / |h1|
-        g1 = 2 * x.clamp(min=0) / sigma / (h1.abs() + EPS)
-        return conserve_diagonal(r1, [g1])
+        # Both gains are >= 0 and element-wise, so conserving after each stage equals conserving
+        # once with their product (per-sign rescales commute): one pass instead of two.
+        g = (4 * (gamma * h1).clamp(min=0) / (ctx.output.abs() + EPS)) * (x.clamp(min=0) / sigma / (h1.abs() + EPS))
+        return conserve_diagonal(relevance, [g])
 
 
 class AbsAdd(AbsLRP):
