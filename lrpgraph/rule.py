@@ -194,7 +194,8 @@ def unbroadcast(r: Tensor, shape: Sequence[int], batch_size: int) -> Tensor:
     return r
 
 
-def conserve_signs(relevance: Tensor, raw: Callable[[Tensor], list], scale: Tensor) -> list:
+def conserve_signs(relevance: Tensor, raw: Callable[[Tensor], list], scale: Tensor,
+                   signs_known: bool = False) -> list:
     """The paper-era absLRP sign split (spec 1.3): conserve positive and negative mass separately.
 
     ``raw(s)`` maps a stacked ``(K', B, ...)`` stabilised relevance to the un-normalised input
@@ -204,23 +205,25 @@ def conserve_signs(relevance: Tensor, raw: Callable[[Tensor], list], scale: Tens
     N are the positive and negative mass of ``relevance`` and ``|.|`` is the L1 mass summed over
     all slots (so multi-input nodes split by each operand's share, as the paper-era code does).
     Each slot's result is a :class:`Split` so that the report can measure both streams before
-    they are added (and partly cancel).
+    they are added (and partly cancel). ``signs_known``: the rule guarantees ``r+ >= 0`` and
+    ``r- <= 0`` (the ``2 z+`` form does), so L1 masses are plain sums.
     """
     s = relevance / scale
     pos_mass = sample_sum(relevance.clamp(min=0))
-    neg_mass = sample_sum(relevance.clamp(max=0))
+    neg_mass = sample_sum(relevance) - pos_mass
     k = relevance.shape[0]
     has_pos = bool((pos_mass != 0).any())
     has_neg = bool((neg_mass != 0).any())
-    streams = []
-    if has_pos:
-        streams.append(s.clamp(min=0))
-    if has_neg:
-        streams.append(s.clamp(max=0))
-    if not streams:
+    if not (has_pos or has_neg):
         return [None for _ in raw(s)]
-    stacked = torch.cat(streams, dim=0) if len(streams) == 2 else streams[0]
+    if has_pos and has_neg:  # both streams in one buffer: one batched call, no concatenation copy
+        stacked = torch.empty((2 * k,) + tuple(s.shape[1:]), dtype=s.dtype, device=s.device)
+        torch.clamp(s, min=0, out=stacked[:k])
+        torch.clamp(s, max=0, out=stacked[k:])
+    else:
+        stacked = s.clamp(min=0) if has_pos else s.clamp(max=0)
     out = raw(stacked)
+    mass = (lambda t: sample_sum(t).abs()) if signs_known else (lambda t: sample_sum(t.abs()))  # noqa: E731
 
     def split(r: Optional[Tensor]):
         if r is None:
@@ -232,7 +235,7 @@ def conserve_signs(relevance: Tensor, raw: Callable[[Tensor], list], scale: Tens
     parts = [split(r) for r in out]
     total = {}
     for sign, idx in (("pos", 0), ("neg", 1)):
-        masses = [sample_sum(p[idx].abs()) for p in parts if p[idx] is not None]
+        masses = [mass(p[idx]) for p in parts if p[idx] is not None]
         total[sign] = sum(masses) if masses else None
     result = []
     for (rp, rn) in parts:

@@ -43,6 +43,8 @@ class AbsLRP(Rule):
     """
 
     kind = "abslrp"
+    #: r+ >= 0 and r- <= 0 by construction (the 2 z+ form); lets the sign split skip abs()
+    signs_known = False
 
     def __init__(self, variant: str = "paper", divide: bool = True):
         if variant not in VARIANTS:
@@ -77,7 +79,8 @@ class AbsLRP(Rule):
         den = self.denominator(ctx) if self.divide else torch.ones((), dtype=relevance.dtype,
                                                                    device=relevance.device)
         if self.variant == "paper":
-            return conserve_signs(relevance, lambda s: self.contributions(ctx, s), den)
+            return conserve_signs(relevance, lambda s: self.contributions(ctx, s), den,
+                                  signs_known=self.signs_known)
         return self.contributions(ctx, relevance / den)
 
 
@@ -92,6 +95,7 @@ class AbsAffine(AbsLRP):
     """
 
     kind = "abslrp.affine"
+    signs_known = True
 
     def contributions(self, ctx, s):
         op = affine_of(ctx)
@@ -326,6 +330,7 @@ class AbsMaxPool(AbsLRP):
     """
 
     kind = "abslrp.maxpool"
+    signs_known = True
 
     def contributions(self, ctx, s):
         x = ctx.inputs[0]
