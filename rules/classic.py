@@ -73,7 +73,11 @@ class Gamma(ClassicRule):
         x = ctx.inputs[op.slot]
         w = op.weight
         if w is None:
-            return Epsilon(self.stabilizer)(ctx, relevance)
+            # pooling matrices (adaptive pools, means): every weight is >= 0, so W' = (1 + gamma) W.
+            # (Delegating to Epsilon kept z' = z, i.e. a stabiliser (1 + gamma) times too large.)
+            z = (1 + self.gamma) * op.forward(x, None, None)
+            s = relevance / stabilise(z, self.stabilizer)
+            return op.place(x * ((1 + self.gamma) * op.transpose(s, None)))
         w2 = w + self.gamma * w.clamp(min=0)
         b2 = None if op.bias is None else op.bias + self.gamma * op.bias.clamp(min=0)
         z = op.forward(x, w2, b2)

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lrpgraph.rule import NodeContext, Rule
+from lrpgraph.rule import NodeContext, Rule, Split
 
 
 class Structural(Rule):
@@ -113,13 +113,22 @@ class Expand(Structural):
     def route(self, ctx, r):
         from lrpgraph.rule import unbroadcast
         shape = tuple(ctx.input_shapes[0])
-        return unbroadcast(r, shape, ctx.batch_size).reshape((r.shape[0],) + shape) \
-            if shape and shape[0] != 1 else unbroadcast(r, shape, ctx.batch_size)
+
+        def back(t):
+            return unbroadcast(t, shape, ctx.batch_size).reshape((t.shape[0],) + shape) \
+                if shape and shape[0] != 1 else unbroadcast(t, shape, ctx.batch_size)
+        # summing the copies cancels signs like a fan-out does: return the two streams so that the
+        # report measures them before they add (else every signed expand shows as a leak)
+        return Split(back(r.clamp(min=0)), back(r.clamp(max=0)))
 
 
 class GetItem(Structural):
     """``x[index]`` on a tensor (basic slicing, ints, None, Ellipsis, one index tensor) or on a
     tuple of tensors (``unbind``/``chunk`` results): relevance goes back to the selected entries."""
+
+    # an index tensor is itself a slot (a buffer or computed value): it must be recorded, or the
+    # rule sees None in its place and routes to x[:, None] (a crash or a wrong result)
+    saves = frozenset({"inputs"})
 
     @property
     def name(self) -> str:
@@ -144,8 +153,11 @@ class GetItem(Structural):
                                       "supported; index one dim at a time")
         key = (slice(None),) + idx
         if tensors:
-            # advanced indexing may repeat an entry: accumulate
-            full.index_put_(_expand_key(key, full), r, accumulate=True)
+            # advanced indexing may repeat an entry: accumulate, per sign stream (repeats add up
+            # like a fan-out, so the report must see the streams before they cancel)
+            ek = _expand_key(key, full)
+            return Split(full.index_put(ek, r.clamp(min=0), accumulate=True),
+                         full.index_put(ek, r.clamp(max=0), accumulate=True))
         else:
             full[key] = r
         return full
@@ -254,6 +266,30 @@ def _join(r, shape, dim, stack, piece_shapes=None):
     return torch.stack(parts, dim=dim + 1) if stack else torch.cat(parts, dim=dim + 1)
 
 
+class Attribute(Structural):
+    """``getattr(x, name)`` on a tensor (fx records ``x.mT`` / ``x.T`` this way): ``mT``/``mH`` swap
+    the last two dims back, ``T``/``H`` reverse all dims back, ``real``/``data`` pass through.
+    Attributes that are not tensors (``shape``, ``dtype``) never receive relevance."""
+
+    @property
+    def name(self) -> str:
+        return "attribute"
+
+    def route(self, ctx, r):
+        shape = ctx.input_shapes[0]
+        if not isinstance(r, Tensor) or not isinstance(shape, torch.Size):
+            return None  # e.g. a field of a model-output object: nothing to route into
+        attr, nd = ctx.args[1], len(shape)
+        if attr in ("mT", "mH"):
+            return r.transpose(nd - 1, nd)
+        if attr in ("T", "H"):
+            return r.permute([0] + list(range(nd, 0, -1)))
+        if attr in ("real", "data"):
+            return r
+        raise NotImplementedError(f"{ctx.describe()}: no relevance rule for the tensor attribute "
+                                  f"{attr!r}; register one for builtins.getattr")
+
+
 class NoRelevance(Rule):
     """Ops whose output carries no relevance (``size``, ``dim``, ``shape``): nothing flows."""
 
@@ -287,7 +323,8 @@ def structural_table() -> dict:
         torch.cat: Cat(), torch.concat: Cat(), torch.concatenate: Cat(), torch.stack: Stack(),
         torch.unbind: Unbind(), torch.chunk: Split_(), torch.split: Split_(),
         operator.getitem: getitem, torch.broadcast_to: Expand(),
-        getattr: none, torch.numel: none,
+        # getattr was `none`, which silently dropped the relevance of x.mT / x.T (see Attribute)
+        getattr: Attribute(), torch.numel: none,
     }
     for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "unflatten"):
         table[m] = reshape
