@@ -60,8 +60,13 @@ def compile_plan(gm: fx.GraphModule, composite) -> Plan:
     output_node = next(n for n in nodes if n.op == "output")
 
     # nodes that depend on an input: only those can carry relevance that matters
+    # (a tensor's shape is not data: `x.size(0)`, `x.shape`, `x.dtype` start no dependence, so a
+    # position embedding sliced to the sequence length or a class token expanded to the batch is a
+    # constant that absorbs relevance by design)
     depends: Set[fx.Node] = set(placeholders)
     for n in nodes:
+        if _is_shape_query(n):
+            continue
         if any(i in depends for i in n.all_input_nodes):
             depends.add(n)
     reaches: Set[fx.Node] = {output_node}
@@ -104,6 +109,21 @@ def compile_plan(gm: fx.GraphModule, composite) -> Plan:
                 output_node=output_node, live=live, missing=missing, preset=composite.name)
 
 
+_SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "nelement")
+_SHAPE_ATTRS = ("shape", "ndim", "dtype", "device", "is_cuda")
+
+
+def _is_shape_query(n: fx.Node) -> bool:
+    """Whether ``n`` reads only a tensor's metadata (shape, dtype, device), not its values."""
+    if n.op == "call_method":
+        return n.target in _SHAPE_METHODS
+    if n.op == "call_function":
+        if n.target is getattr:
+            return len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS
+        return n.target in (torch.numel,)
+    return False
+
+
 def no_rule_message(node: fx.Node, module: Optional[nn.Module], preset: str) -> str:
     what = describe_target(node.op, node.target, module)
     where = f" (module `{node.target}`)" if node.op == "call_module" else ""
@@ -143,6 +163,9 @@ def _is_tensorish(v: Any) -> bool:
 
 def record(plan: Plan, inputs: List[Any]) -> Recording:
     """Run the graph once on ``inputs`` (one per placeholder), keeping what the rules need."""
+    missing = plan.placeholders[len(inputs):]
+    if missing and all(p.args for p in missing):  # trailing inputs with defaults (timm: attn_mask=None)
+        inputs = list(inputs) + [p.args[0] for p in missing]
     if len(inputs) != len(plan.placeholders):
         names = ", ".join(p.target for p in plan.placeholders)
         raise ValueError(f"the traced model takes {len(plan.placeholders)} input(s) ({names}); got {len(inputs)}")

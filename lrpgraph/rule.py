@@ -47,6 +47,9 @@ class NodeContext:
         is_parameter: per slot, whether it is a constant: a parameter or buffer (``get_attr``) or a
             value computed from them alone (it does not depend on the input).
         options: free-form per-node options set by a composite (e.g. z-box bounds).
+        report: whether the walker measures this node for the conservation report; without it a
+            rule may return the sum of its sign streams instead of a :class:`Split`, computed in one
+            pass (the absLRP fast path).
     """
 
     name: str
@@ -62,6 +65,7 @@ class NodeContext:
     batch_size: int
     is_parameter: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    report: bool = True
 
     def describe(self) -> str:
         """A short human description: ``node `x` (torch.roll)``."""

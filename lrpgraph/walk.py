@@ -36,7 +36,7 @@ def _add(a: Relevance, b: Relevance) -> Relevance:
     raise RuleError("cannot sum a tensor relevance with a tuple relevance at a fan-out")
 
 
-def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule) -> NodeContext:
+def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool = True) -> NodeContext:
     vals, shapes = rec.values, rec.shapes
     get = lambda n: vals.get(n)  # noqa: E731
     slots = plan.slots[node]
@@ -46,6 +46,7 @@ def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule) -> NodeConte
         inputs=[vals.get(s) for s in slots], input_shapes=[shapes.get(s) for s in slots],
         output=vals.get(node), output_shape=shapes.get(node), batch_size=rec.batch_size,
         is_parameter=[s.op == "get_attr" or s not in plan.live for s in slots], options=plan.options.get(node, {}),
+        report=report,
     )
 
 
@@ -84,7 +85,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                                     note=f"absorbed by {what}"))
             absorbed[node.name] = r
             continue
-        ctx = _context(plan, rec, node, rule)
+        ctx = _context(plan, rec, node, rule, report)
         try:
             out = list(rule(ctx, r))
         except RuleError:

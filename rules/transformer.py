@@ -1,0 +1,738 @@
+"""Transformer rules: attention products, softmax, LayerNorm, embeddings, masks (spec 2.6-2.10).
+
+Every rule is explicit tensor maths on the recorded forward values (no autograd). The absLRP
+rules subclass :class:`~lrpgraph.rules.abslrp.AbsLRP`, so each exists in both variants:
+``paper`` (preset ``abslrp``: sign-split, positive and negative mass conserved, jointly over the
+inputs of a node) and ``head`` (preset ``abslrp-renorm``: raw contributions, every input
+renormalised to unit mass by the walker). With ``S = R / (|h| + 1e-9)``:
+
+* **Product of two activations** (``matmul``, ``bmm``, ``einsum``, ``a * b``; spec 2.8), twin
+  ``|a| |b|``: ``r_a = a * (S b^T) + |a| * (S |b|^T)``, ``r_b`` likewise. ``paper``: the operands
+  share the conserved mass by their raw contributions (for a bilinear product the two totals are
+  equal: an exact 50/50 split); ``head``: each operand is normalised separately (Q:K:V = 1:1:1).
+  A constant operand (a weight) takes no relevance: the product is then an affine op.
+* **Softmax** (spec 2.7), max and denominator constants: ``dh_j/dx_j = h_j``.
+  ``head`` twin = softmax(|x|): ``r = (x h + |x| h_abs) S``. ``paper`` twin = h: ``r = 2 x h S``.
+* **LayerNorm** (spec 2.6), mean and variance constants. ``head`` twin recomputes them on |x|:
+  ``r = (x g / s + |x| |g| / s_abs) S``. ``paper`` twin ``|g| |x - mu| / s + |b|``:
+  ``r = x (g + |g| sign(x - mu)) / s * S``.
+
+**Sign decision (paper variant, softmax and LayerNorm).** The reference's paper-era formulas
+above can give a *negative* contribution for positive relevance (a negative score ``x_j`` at the
+softmax; ``mu < x < 0`` at LayerNorm), so a positive stream would turn partly negative and the
+signed masses would not be conserved. lrpgraph's ``paper`` variant keeps the stream's sign and
+distributes it by the magnitude of the contribution (``|2 x h| S`` and ``|x (g + |g| sign(x - mu))| / s * S``):
+the same per-entry weights, positive and negative mass each conserved exactly. ``signs="flip"``
+reproduces the reference literally (the report then shows the sign changes as mismatches).
+
+Constants and routing: the attention mask (``attention_mask``, ``masked_fill``) passes all
+relevance to the scores; the attention's query scale passes relevance through unchanged (as in
+the reference, which applies no rule to it; an identity-like absLRP rule would drop the relevance
+of negative query entries); an embedding lookup sums the relevance over the embedding dim, giving
+one value per token id (positive and negative parts reported separately); ``F.normalize`` (norm
+constant) is a scaling by a positive constant.
+
+The classic presets get LXT/CP-LRP style rules: the epsilon z-rule split 50/50 for a product of
+two activations, identity for softmax and LayerNorm (statistics constant), the same routing for
+masks and embeddings.
+"""
+from __future__ import annotations
+
+import operator
+import string
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrpgraph.attention import attention_mask, scale_query
+from lrpgraph.presets import SCALES, extend_preset
+from lrpgraph.rule import EPS, NodeContext, Rule, Split, stabilise
+from lrpgraph.text import masked_mean
+
+from .abslrp import ELEMENTWISE, AbsAdd, _bind, AbsAffine, AbsElementwise, AbsLRP, AbsScale
+from .affine import affine_of
+from .structural import PassThrough
+
+MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
+EINSUMS = (torch.einsum,)
+SOFTMAXES = (nn.Softmax, torch.softmax, F.softmax, "softmax")
+LAYERNORMS = (nn.LayerNorm, F.layer_norm)
+EMBEDDINGS = (nn.Embedding, F.embedding)
+MASKS = (attention_mask, "masked_fill", torch.masked_fill)
+GUARD = 1e-12
+
+
+def _nonneg(x: Tensor) -> bool:
+    return bool((x >= 0).all())
+
+
+def _activations(ctx: NodeContext) -> List[int]:
+    """Slots holding tensors that depend on the input (constants are weights)."""
+    return [i for i, (v, c) in enumerate(zip(ctx.inputs, ctx.is_parameter))
+            if isinstance(v, Tensor) and not c]
+
+
+# --------------------------------------------------------------------------------------------
+# products of two operands: matmul / bmm / einsum / mul
+
+
+def _promote(a: Tensor, b: Tensor, s: Tensor):
+    """Matmul of 1-D operands as 2-D (numpy rules); returns the squeeze plan for the results."""
+    sq_a = sq_b = False
+    if a.dim() == 1:
+        a, sq_a = a.unsqueeze(0), True
+        s = s.unsqueeze(-2)
+    if b.dim() == 1:
+        b, sq_b = b.unsqueeze(-1), True
+        s = s.unsqueeze(-1)
+    return a, b, s, sq_a, sq_b
+
+
+def matmul_contributions(a: Tensor, b: Tensor, s: Tensor, want_a: bool = True, want_b: bool = True):
+    """``a * (s b^T) + |a| * (s |b|^T)`` and ``b * (a^T s) + |b| * (|a|^T s)`` for ``h = a @ b``.
+
+    ``s`` is ``(K, *h.shape)``. Non-negative operands (attention weights, post-ReLU values) take the
+    one-product fast path ``2 a * (s b+^T)``; results may carry broadcast batch dims (the walker sums
+    them back).
+    """
+    a0, b0 = a, b
+    a, b, s, sq_a, sq_b = _promote(a, b, s)
+    ra = rb = None
+    a_pos, b_pos = _nonneg(a), _nonneg(b)
+    if want_a:
+        bt = b.transpose(-1, -2)
+        if a_pos:
+            ra = 2 * a * (s @ bt.clamp(min=0))
+        elif b_pos:
+            ra = 2 * a.clamp(min=0) * (s @ bt)
+        else:
+            ra = a * (s @ bt) + a.abs() * (s @ bt.abs())
+        if sq_a:
+            ra = ra.squeeze(-2)
+    if want_b:
+        at = a.transpose(-1, -2)
+        if b_pos:
+            rb = 2 * b * (at.clamp(min=0) @ s)
+        elif a_pos:
+            rb = 2 * b.clamp(min=0) * (at @ s)
+        else:
+            rb = b * (at @ s) + b.abs() * (at.abs() @ s)
+        if sq_b:
+            rb = rb.squeeze(-1)
+    return ra, rb
+
+
+def _parse_einsum(eq: str, operands: Sequence[Tensor]):
+    """Subscripts of each operand and of the output, ellipses expanded; a free letter for K."""
+    eq = eq.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    ins = lhs.split(",")
+    used = set(c for c in eq if c.isalpha())
+    free = [c for c in string.ascii_letters if c not in used]
+    ell_rank = max((t.dim() - len(s.replace("...", "")) for s, t in zip(ins, operands) if "..." in s), default=0)
+    ell = "".join(free[:ell_rank])
+    free = free[ell_rank:]
+
+    def expand(sub: str, rank: Optional[int]) -> str:
+        if "..." not in sub:
+            return sub
+        n = (rank - len(sub.replace("...", ""))) if rank is not None else ell_rank
+        return sub.replace("...", ell[ell_rank - n:] if n else "")
+
+    ins = [expand(s, t.dim()) for s, t in zip(ins, operands)]
+    if "->" in eq:
+        out = expand(rhs, None)
+    else:
+        letters = "".join(ins)
+        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
+    for s in ins:
+        if len(set(s)) != len(s):
+            raise NotImplementedError(f"einsum {eq!r}: a repeated index within one operand (a diagonal) "
+                                      "is not supported")
+    return ins, out, free[0]
+
+
+def einsum_contributions(eq: str, a: Tensor, b: Tensor, s: Tensor, want_a=True, want_b=True):
+    """The product rule for ``h = einsum(eq, a, b)``: ``z = a * b`` over every index combination,
+    ``r_a = sum over the rest of (z + |z|) * S`` (a literal einsum with a and b as operands)."""
+    (sa, sb), so, k = _parse_einsum(eq, (a, b))
+    ra = rb = None
+    if want_a:
+        spec = f"{k}{so},{sa},{sb}->{k}{sa}"
+        ra = torch.einsum(spec, s, a, b) + torch.einsum(spec, s, a.abs(), b.abs())
+    if want_b:
+        spec = f"{k}{so},{sa},{sb}->{k}{sb}"
+        rb = torch.einsum(spec, s, a, b) + torch.einsum(spec, s, a.abs(), b.abs())
+    return ra, rb
+
+
+def _operands(ctx: NodeContext):
+    """(eq or None, slot of a, slot of b, a, b) of a two-operand product node."""
+    if ctx.target is torch.einsum:
+        eq = ctx.args[0]
+        ops = ctx.args[1] if len(ctx.args) == 2 and isinstance(ctx.args[1], (list, tuple)) else ctx.args[1:]
+        if len(ops) != 2:
+            raise NotImplementedError(f"{ctx.describe()}: einsum with {len(ops)} operands; only two "
+                                      "operands are supported (split it into pairwise einsums)")
+        return eq, ops[0], ops[1]
+    return None, ctx.args[0], ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("other")
+
+
+def _slot_of(ctx: NodeContext, value) -> Optional[int]:
+    for i, v in enumerate(ctx.inputs):
+        if v is value:
+            return i
+    return None
+
+
+class AbsProduct(AbsLRP):
+    """absLRP for ``matmul``/``bmm``/``einsum``/``a * b`` with one or two activation operands."""
+
+    kind = "abslrp.product"
+
+    def __call__(self, ctx, relevance):
+        if self.variant == "paper" and not ctx.report:
+            s = relevance / self.denominator(ctx)
+            return self.contributions(ctx, one_pass_scale(relevance, s, _product_mass(ctx)))
+        return super().__call__(ctx, relevance)
+
+    def contributions(self, ctx, s):
+        eq, a, b = _operands(ctx)
+        ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
+        acts = set(_activations(ctx))
+        want_a, want_b = ia in acts, ib in acts
+        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+            raise NotImplementedError(f"{ctx.describe()}: expected two tensor operands")
+        if eq is not None:
+            ra, rb = einsum_contributions(eq, a, b, s, want_a, want_b)
+        elif ctx.target in MATMULS:
+            ra, rb = matmul_contributions(a, b, s, want_a, want_b)
+        else:  # element-wise product
+            z = a * b
+            c = (z + z.abs()) * s
+            ra, rb = (c if want_a else None), (c if want_b else None)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        if want_a:
+            out[ia] = ra
+        if want_b:
+            out[ib] = rb if ib != ia else out[ib] + rb
+        return out
+
+
+class AbsMul(AbsLRP):
+    """``a * b`` / ``a / c``: a scaling by a constant (:class:`AbsScale`) or, for two
+    activations, the product rule (:class:`AbsProduct`)."""
+
+    kind = "abslrp.mul"
+
+    def __init__(self, variant: str = "paper"):
+        super().__init__(variant)
+        self._scale = AbsScale(variant)
+        self._product = AbsProduct(variant)
+
+    def __call__(self, ctx, relevance):
+        if len(_activations(ctx)) >= 2:
+            return self._product(ctx, relevance)
+        return super().__call__(ctx, relevance)
+
+    def contributions(self, ctx, s):
+        if len(_activations(ctx)) >= 2:
+            if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide):
+                raise NotImplementedError(f"{ctx.describe()} divides two activations; no rule for that")
+            return self._product.contributions(ctx, s)
+        return self._scale.contributions(ctx, s)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+
+
+def _softmax_dim(ctx: NodeContext) -> int:
+    if ctx.module is not None:
+        d = ctx.module.dim
+    else:
+        d = ctx.kwargs.get("dim", ctx.args[1] if len(ctx.args) > 1 else None)
+    if d is None:
+        raise NotImplementedError(f"{ctx.describe()}: softmax without an explicit dim")
+    return d
+
+
+class AbsSoftmax(AbsLRP):
+    """absLRP softmax (spec 2.7); entries the softmax gives exactly 0 (masked) take nothing.
+
+    Args:
+        variant: ``"paper"`` or ``"head"``.
+        signs: paper variant only: ``"keep"`` (default) weights entries by ``|2 x h|`` so the
+            relevance keeps its sign; ``"flip"`` uses ``2 x h`` literally (see module doc).
+    """
+
+    kind = "abslrp.softmax"
+
+    def __init__(self, variant: str = "paper", signs: str = "keep"):
+        super().__init__(variant)
+        if signs not in ("keep", "flip"):
+            raise ValueError(f"signs must be 'keep' or 'flip', got {signs!r}")
+        self.signs = signs
+
+    def __call__(self, ctx, relevance):
+        if self.variant == "paper" and self.signs == "keep" and not ctx.report:
+            g = self.coefficient(ctx)
+            s = relevance / self.denominator(ctx)
+            return [g * one_pass_scale(relevance, s, g)]
+        return super().__call__(ctx, relevance)
+
+    def contributions(self, ctx, s):
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = self.coefficient(ctx) * s
+        return out
+
+    def coefficient(self, ctx) -> Tensor:
+        """The contribution per unit ``S``: ``2 |x| h`` / ``2 x h`` (paper), ``x h + |x| h_abs`` (head)."""
+        x, h = ctx.inputs[0], ctx.output
+        live = h > 0
+        xs = torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))  # -inf * 0 guard
+        if self.variant == "paper":
+            c = 2 * (xs.abs() if self.signs == "keep" else xs) * h
+        else:
+            dim = _softmax_dim(ctx)
+            ninf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+            h_abs = torch.softmax(torch.where(live, xs.abs(), ninf), dim=dim)
+            h_abs = torch.nan_to_num(h_abs, nan=0.0)  # rows masked entirely
+            c = xs * h + xs.abs() * h_abs
+        return c
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm
+
+
+def layer_norm_params(ctx: NodeContext):
+    """(x, normalized_shape, weight or None, bias or None, eps) of a LayerNorm module or call."""
+    x = ctx.inputs[0]
+    m = ctx.module
+    if m is not None:
+        return x, tuple(m.normalized_shape), m.weight, m.bias, m.eps
+    a = list(ctx.args) + [None] * 5
+    kw = ctx.kwargs
+    shape = kw.get("normalized_shape", a[1])
+    w = kw.get("weight", a[2])
+    b = kw.get("bias", a[3])
+    eps = kw.get("eps", a[4] if a[4] is not None else 1e-5)
+    return x, tuple(shape), w, b, eps
+
+
+def _stats(x: Tensor, n: int, eps: float):
+    dims = tuple(range(x.dim() - n, x.dim()))
+    mu = x.mean(dim=dims, keepdim=True)
+    var = (x - mu).pow(2).mean(dim=dims, keepdim=True)
+    return mu, torch.sqrt(var + eps)
+
+
+class AbsLayerNorm(AbsLRP):
+    """absLRP LayerNorm (spec 2.6), statistics constant; parameters take no relevance.
+
+    Args:
+        variant: ``"paper"`` (twin ``|g||x - mu|/s + |b|``) or ``"head"`` (twin with the
+            statistics recomputed on ``|x|``).
+        signs: paper variant only, as for :class:`AbsSoftmax`.
+    """
+
+    kind = "abslrp.layernorm"
+
+    def __init__(self, variant: str = "paper", signs: str = "keep"):
+        super().__init__(variant)
+        if signs not in ("keep", "flip"):
+            raise ValueError(f"signs must be 'keep' or 'flip', got {signs!r}")
+        self.signs = signs
+
+    def __call__(self, ctx, relevance):
+        if self.variant == "paper" and self.signs == "keep" and not ctx.report:
+            g = self.coefficient(ctx)
+            s = relevance / self.denominator(ctx)
+            out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+            out[0] = g * one_pass_scale(relevance, s, g)
+            return out
+        return super().__call__(ctx, relevance)
+
+    def contributions(self, ctx, s):
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = self.coefficient(ctx) * s
+        return out
+
+    def coefficient(self, ctx) -> Tensor:
+        """The contribution per unit ``S`` (see the class doc)."""
+        x, shape, w, _, eps = layer_norm_params(ctx)
+        n = len(shape)
+        g = w if w is not None else torch.ones(shape, dtype=x.dtype, device=x.device)
+        mu, sd = _stats(x, n, eps)
+        if self.variant == "paper":
+            c = x * (g + g.abs() * torch.sign(x - mu)) / sd
+            if self.signs == "keep":
+                c = c.abs()
+        else:
+            xa = x.abs()
+            _, sd_abs = _stats(xa, n, eps)
+            c = x * g / sd + xa * g.abs() / sd_abs
+        return c
+
+
+# --------------------------------------------------------------------------------------------
+# scalings by a positive constant
+
+
+def _normalize_norm(ctx: NodeContext) -> Tensor:
+    x = ctx.inputs[0]
+    a = list(ctx.args) + [None] * 4
+    p = ctx.kwargs.get("p", a[1] if a[1] is not None else 2.0)
+    dim = ctx.kwargs.get("dim", a[2] if a[2] is not None else 1)
+    eps = ctx.kwargs.get("eps", a[3] if a[3] is not None else 1e-12)
+    return x.norm(p=p, dim=dim, keepdim=True).clamp(min=eps)
+
+
+class AbsNormalize(AbsLRP):
+    """``F.normalize(x)`` with the norm a constant: ``r = 2 x+ / |x| * S``."""
+
+    kind = "abslrp.normalize"
+
+    def contributions(self, ctx, s):
+        x = ctx.inputs[0]
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = (x + x.abs()) / _normalize_norm(ctx) * s
+        return out
+
+
+class AbsMaskedMean(AbsLRP):
+    """``masked_mean(x, mask)``: an average with constant per-sample weights ``m_t / sum m``:
+    ``r = 2 x+ w * S``; the mask takes nothing."""
+
+    kind = "abslrp.masked-mean"
+
+    def contributions(self, ctx, s):
+        x, m = ctx.inputs[0], ctx.inputs[1]
+        w = _mean_weights(x, m)
+        return [(x + x.abs()) * w * s.unsqueeze(-2), None]
+
+
+def _mean_weights(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(x.dtype)
+    return (m / m.sum(dim=-1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# routing rules shared by every preset
+
+
+class ToFirst(Rule):
+    """All relevance to the first slot, unchanged (masks, query scale under classic rules, LayerNorm
+    and softmax under the identity rule): other slots (mask, weights) are constants."""
+
+    saves = frozenset()
+    exact = True
+
+    def __init__(self, label: str = "to-first"):
+        self.label = label
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def __call__(self, ctx, relevance):
+        out: List[Optional[Tensor]] = [None] * len(ctx.input_shapes)
+        out[0] = relevance
+        return out
+
+
+class EmbeddingSum(Rule):
+    """Embedding lookup: relevance per token id = the sum over the embedding dim.
+
+    The ids slot receives ``(K, *ids.shape)``. The positive and negative parts are summed
+    separately (a :class:`Split`) so that the report sees both masses conserved; they are added
+    (and may cancel) at the ids. The weight table takes nothing.
+    """
+
+    saves = frozenset()
+    exact = True
+
+    @property
+    def name(self) -> str:
+        return "embedding-sum"
+
+    def __call__(self, ctx, relevance):
+        out: List[Optional[object]] = [None] * len(ctx.input_shapes)
+        out[0] = Split(relevance.clamp(min=0).sum(-1), relevance.clamp(max=0).sum(-1))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# classic rules
+
+
+class ProductEpsilon(Rule):
+    """Classic product of two activations: the epsilon z-rule, split 50/50 between the operands
+    (LXT's uniform rule for ``matmul``); one activation times a constant: the plain z-rule."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    @property
+    def name(self) -> str:
+        return f"product-epsilon({self.epsilon:g})"
+
+    def __call__(self, ctx, relevance):
+        eq, a, b = _operands(ctx)
+        ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
+        acts = set(_activations(ctx))
+        want_a, want_b = ia in acts, ib in acts
+        share = 0.5 if (want_a and want_b) else 1.0
+        s = relevance / stabilise(ctx.output, self.epsilon or GUARD) * share
+        if eq is not None:
+            (sa, sb), so, k = _parse_einsum(eq, (a, b))
+            ra = torch.einsum(f"{k}{so},{sa},{sb}->{k}{sa}", s, a, b) if want_a else None
+            rb = torch.einsum(f"{k}{so},{sa},{sb}->{k}{sb}", s, a, b) if want_b else None
+        elif ctx.target in MATMULS:
+            a2, b2, s2, sq_a, sq_b = _promote(a, b, s)
+            ra = a2 * (s2 @ b2.transpose(-1, -2)) if want_a else None
+            rb = b2 * (a2.transpose(-1, -2) @ s2) if want_b else None
+            if ra is not None and sq_a:
+                ra = ra.squeeze(-2)
+            if rb is not None and sq_b:
+                rb = rb.squeeze(-1)
+        else:
+            if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide) and want_b:
+                raise NotImplementedError(f"{ctx.describe()} divides by an activation; no rule for that")
+            z = (a * b) if isinstance(a, Tensor) and isinstance(b, Tensor) else ctx.output
+            ra = z * s if want_a else None
+            rb = z * s if want_b else None
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        if want_a:
+            out[ia] = ra
+        if want_b:
+            out[ib] = rb if ib != ia else out[ib] + rb
+        return out
+
+
+class ClassicMul(Rule):
+    """Classic ``a * b``: identity to the activation for a constant factor, else :class:`ProductEpsilon`."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self._product = ProductEpsilon(epsilon)
+
+    @property
+    def name(self) -> str:
+        return "mul"
+
+    def __call__(self, ctx, relevance):
+        acts = _activations(ctx)
+        if len(acts) >= 2:
+            return self._product(ctx, relevance)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        if acts:
+            out[acts[0]] = relevance
+        return out
+
+
+class MaskedMeanEpsilon(Rule):
+    """Classic ``masked_mean``: the epsilon z-rule with the constant weights ``m_t / sum m``."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    @property
+    def name(self) -> str:
+        return f"masked-mean-epsilon({self.epsilon:g})"
+
+    def __call__(self, ctx, relevance):
+        x, m = ctx.inputs[0], ctx.inputs[1]
+        s = relevance / stabilise(ctx.output, self.epsilon or GUARD)
+        return [x * _mean_weights(x, m) * s.unsqueeze(-2), None]
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def abslrp_transformer_table(variant: str) -> dict:
+    """The transformer entries of preset ``abslrp`` (``"paper"``) or ``abslrp-renorm`` (``"head"``)."""
+    t: dict = {}
+    product = AbsProduct(variant)
+    for k in MATMULS + EINSUMS:
+        t[k] = product
+    mul = AbsMul(variant)
+    for k in SCALES:
+        t[k] = mul
+    sm = AbsSoftmax(variant)
+    for k in SOFTMAXES:
+        t[k] = sm
+    ln = AbsLayerNorm(variant)
+    for k in LAYERNORMS:
+        t[k] = ln
+    t[F.normalize] = AbsNormalize(variant)
+    t[masked_mean] = AbsMaskedMean(variant)
+    if variant == "paper":  # same maths as the base rules, with the one-pass form when no report
+        fast_affine = FastAbsAffine(variant)
+        for k in (nn.Linear, F.linear):
+            t[k] = fast_affine
+        t[operator.add] = FastAbsAdd(variant)
+        from lrpgraph.presets import ACTIVATIONS
+        for label in ("relu", "gelu"):
+            f, df = ELEMENTWISE[label]
+            rule = FastAbsElementwise(f, df, variant, label=label)
+            for k in ACTIVATIONS[label]:
+                t[k] = rule
+    return t
+
+
+def _library_masks() -> tuple:
+    """Mask helpers of libraries that are already imported (never imported here): timm's unfused
+    attention adds its mask with ``timm.layers.attention.maybe_add_mask``."""
+    out = []
+    timm_attn = sys.modules.get("timm.layers.attention")
+    if timm_attn is not None and hasattr(timm_attn, "maybe_add_mask"):
+        out.append(timm_attn.maybe_add_mask)
+    return tuple(out)
+
+
+def shared_table() -> dict:
+    """Entries every preset shares: masks, embeddings."""
+    t: dict = {}
+    mask = ToFirst("mask (constant)")
+    for k in MASKS + _library_masks():
+        t[k] = mask
+    t[scale_query] = ToFirst("attention scale")
+    emb = EmbeddingSum()
+    for k in EMBEDDINGS:
+        t[k] = emb
+    return t
+
+
+def classic_transformer_table(epsilon: float = 1e-6) -> dict:
+    """Transformer entries of the classic presets (LXT / CP-LRP style)."""
+    t = shared_table()
+    product = ProductEpsilon(epsilon)
+    for k in MATMULS + EINSUMS:
+        t[k] = product
+    mul = ClassicMul(epsilon)
+    for k in SCALES:
+        t[k] = mul
+    ident = ToFirst("identity")
+    for k in SOFTMAXES + LAYERNORMS + (F.normalize,):
+        t[k] = ident
+    t[masked_mean] = MaskedMeanEpsilon(epsilon)
+    return t
+
+
+def _abs_table(variant: str):
+    return lambda: {**shared_table(), **abslrp_transformer_table(variant)}
+
+
+extend_preset("*", classic_transformer_table)
+extend_preset("abslrp", _abs_table("paper"))
+extend_preset("abslrp-renorm", _abs_table("head"))
+
+
+# --------------------------------------------------------------------------------------------
+# the one-pass form of the paper-era sign split (used when no report is measured)
+#
+# conserve_signs pushes S+ and S- through a rule separately (2K relevance rows) and rescales each
+# stream to the mass of its sign. When every contribution coefficient is non-negative (true for
+# all rules below), the stream masses are known without the streams: |r(S+)| = sum_j S+_j C_j with
+# C_j = the total contribution into output j (summed over inputs and slots). By linearity the
+# result is r(a S+ + b S-) with a = P / |r(S+)|, b = |N| / |r(S-)|: one pass over K rows, same
+# numbers. With a report the exact two-stream Split is kept, so the report measures the streams.
+
+
+def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor) -> Tensor:
+    """``a S+ + b S-`` (see above); ``column_mass`` broadcasts against ``s`` without the K axis."""
+    from lrpgraph.rule import expand_stats, sample_sum
+    sp = s.clamp(min=0)
+    sn = s - sp
+    p = sample_sum(relevance.clamp(min=0))
+    n = sample_sum(relevance.clamp(max=0)).abs()
+    mp = sample_sum(sp * column_mass)
+    mn = sample_sum(sn * column_mass).abs()
+    return sp * expand_stats(_ratio(p, mp), s) + sn * expand_stats(_ratio(n, mn), s)
+
+
+def _ratio(mass: Tensor, norm: Tensor) -> Tensor:
+    """``mass / norm`` exactly as :func:`lrpgraph.rule.conserve_signs` rescales its streams."""
+    try:
+        from lrpgraph.rule import _ratio as engine_ratio
+    except ImportError:  # an engine without it adds the reference's 1e-9
+        return mass / (norm + EPS)
+    return engine_ratio(mass, norm)
+
+
+class OnePass:
+    """Mixin for absLRP rules: ``paper`` variant without a report takes the one-pass form.
+
+    Subclasses implement ``column_mass(ctx)`` (``C``, broadcastable to the output) and may override
+    ``coefficients``-based shortcuts; ``contributions(ctx, s)`` must be non-negative for ``s >= 0``.
+    """
+
+    def column_mass(self, ctx: NodeContext) -> Tensor:
+        raise NotImplementedError
+
+    def one_pass_ok(self, ctx: NodeContext) -> bool:
+        return True
+
+    def __call__(self, ctx, relevance):
+        if self.variant != "paper" or ctx.report or not self.divide or not self.one_pass_ok(ctx):
+            return super().__call__(ctx, relevance)
+        s = relevance / self.denominator(ctx)
+        return self.contributions(ctx, one_pass_scale(relevance, s, self.column_mass(ctx)))
+
+
+class FastAbsAffine(OnePass, AbsAffine):
+    """:class:`AbsAffine` for Linear with the one-pass sign split: ``C = (h - b) + |x| |W|^T``."""
+
+    def one_pass_ok(self, ctx):
+        return ctx.module is not None and isinstance(ctx.module, nn.Linear) or ctx.target is F.linear
+
+    def column_mass(self, ctx):
+        op = affine_of(ctx)
+        x = ctx.inputs[op.slot]
+        h = ctx.output if op.bias is None else ctx.output - op.bias
+        xa = x if _nonneg(x) else x.abs()
+        return h + F.linear(xa, op.weight.abs())
+
+
+class FastAbsAdd(OnePass, AbsAdd):
+    """:class:`AbsAdd` with the one-pass sign split: ``C = sum_k 2 a_k+``."""
+
+    def column_mass(self, ctx):
+        c = 0
+        for v in ctx.inputs:
+            if isinstance(v, Tensor):
+                c = c + 2 * v.clamp(min=0)
+        return c
+
+
+class FastAbsElementwise(OnePass, AbsElementwise):
+    """:class:`AbsElementwise` (ReLU, GELU) with the one-pass sign split: ``C`` = the coefficient."""
+
+    def column_mass(self, ctx):
+        x = ctx.inputs[0]
+        _, df = _bind(self.f, self.df, ctx)
+        g = x * df(x) * (1 + torch.sign(ctx.output.reshape(x.shape)))
+        return g.reshape(ctx.output.shape)
+
+    def one_pass_ok(self, ctx):
+        return ctx.module is None or not hasattr(ctx.module, "negative_slope")
+
+
+def _product_mass(ctx: NodeContext) -> Tensor:
+    eq, a, b = _operands(ctx)
+    ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
+    acts = set(_activations(ctx))
+    n = int(ia in acts) + int(ib in acts)
+    h = ctx.output
+    if eq is not None:
+        habs = torch.einsum(eq, a.abs(), b.abs())
+    elif ctx.target in MATMULS:
+        habs = torch.matmul(a if _nonneg(a) else a.abs(), b if _nonneg(b) else b.abs())
+    else:
+        habs = (a * b).abs()
+    return n * (h + habs)
