@@ -647,13 +647,18 @@ extend_preset("abslrp-renorm", _abs_table("head"))
 def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor) -> Tensor:
     """``a S+ + b S-`` (see above); ``column_mass`` broadcasts against ``s`` without the K axis."""
     from lrpgraph.rule import expand_stats, sample_sum
+    k = s.shape[0]
     sp = s.clamp(min=0)
-    sn = s - sp
     p = sample_sum(relevance.clamp(min=0))
-    n = sample_sum(relevance.clamp(max=0)).abs()
-    mp = sample_sum(sp * column_mass)
-    mn = sample_sum(sn * column_mass).abs()
-    return sp * expand_stats(_ratio(p, mp), s) + sn * expand_stats(_ratio(n, mn), s)
+    n = (sample_sum(relevance) - p).abs()
+    # stream masses sum_f S+-[k, b, f] C[b, f] as batched dot products (no (K, B, ...) temporaries)
+    cm = column_mass.expand(s.shape[1:]).reshape(s.shape[1], 1, -1)
+    dot = lambda t: (t.reshape(k, t.shape[1], -1).transpose(0, 1) @ cm.transpose(1, 2)).reshape(t.shape[1], k).T  # noqa: E731
+    mp = dot(sp)
+    mn = (dot(s) - mp).abs()
+    a = expand_stats(_ratio(p, mp), s)
+    b = expand_stats(_ratio(n, mn), s)
+    return torch.addcmul(s * b, sp, a - b)  # a S+ + b S- = b S + (a - b) S+
 
 
 def _ratio(mass: Tensor, norm: Tensor) -> Tensor:
