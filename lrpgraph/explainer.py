@@ -9,6 +9,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, fx, nn
 
+from .canonize import fold_batchnorm
 from .passes import normalise
 from .record import NoRuleError, compile_plan, record
 from .registry import Composite, get_composite
@@ -79,6 +80,8 @@ class Explainer:
         self.composite = get_composite(rules)
         gm = trace(model, self.composite.has_rule, leaf_modules, concrete_args)
         self.graph_module = normalise(gm)
+        if self.composite.canonize:
+            fold_batchnorm(self.graph_module)
         self.plan = compile_plan(self.graph_module, self.composite)
         self._start_node = self._output_node(output)
         self.plan.keep.add(self._start_node)  # the logits are always kept

@@ -17,7 +17,8 @@ from lrpgraph.rules import abslrp as A
 from lrpgraph.rules import classic as C
 from lrpgraph.rules.structural import PassThrough, structural_table
 
-from .registry import Composite, RuleTable, Start, register_composite
+from .canonize import ConvBN, LinearBN
+from .registry import LAYER_TYPES, Composite, RuleTable, Start, register_composite
 
 AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AFFINE_FUNCTIONS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
@@ -157,12 +158,13 @@ def _abslrp_renorm() -> Composite:
 
 
 def classic_table(dense, conv=None, epsilon: float = 1e-6) -> dict:
-    """A classic table: ``dense`` for Linear, ``conv`` (default: ``dense``) for convolutions,
-    epsilon z-rules for BatchNorm, pools and additions, pass-through activations."""
+    """A classic table: ``dense`` for Linear, ``conv`` (default: ``dense``) for convolutions (and
+    for them with a folded BatchNorm), epsilon z-rules for BatchNorm that could not be folded,
+    pools and additions, pass-through activations."""
     conv = conv or dense
     eps_rule = C.Epsilon(epsilon)
-    t: dict = {nn.Linear: dense, F.linear: dense}
-    for k in (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d):
+    t: dict = {nn.Linear: dense, F.linear: dense, LinearBN: dense}
+    for k in (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, ConvBN):
         t[k] = conv
     for k in BATCHNORMS + POOL_MODULES + POOL_FUNCTIONS:
         t[k] = eps_rule
@@ -183,7 +185,8 @@ def classic_table(dense, conv=None, epsilon: float = 1e-6) -> dict:
 def _classic(name: str, dense, conv=None, epsilon: float = 1e-6, first=None, desc: str = ""):
     def factory() -> Composite:
         return Composite(name, _with_extensions(name, classic_table(dense, conv, epsilon)), VALUE,
-                         first_layer=first, description=desc)
+                         first_layer=first, description=desc, canonize=True,
+                         first_layer_types=LAYER_TYPES + (ConvBN, LinearBN))
     return factory
 
 

@@ -203,6 +203,7 @@ class Composite:
         by_name: ``[(pattern, rule)]`` overrides, first match wins.
         first_layer: rule for the first weighted layer (types in ``first_layer_types``).
         options: ``{pattern: dict}`` per-node options passed to rules in ``ctx.options``.
+        canonize: fold each BatchNorm into the Conv/Linear before it (see :mod:`lrpgraph.canonize`).
     """
 
     name: str
@@ -214,6 +215,8 @@ class Composite:
     first_layer_types: Tuple[type, ...] = LAYER_TYPES
     options: Dict[str, dict] = field(default_factory=dict)
     description: str = ""
+    #: fold BatchNorm into the preceding Conv/Linear before assigning rules (classic presets)
+    canonize: bool = False
 
     def derive(self, name: Optional[str] = None, *, by_type: Optional[Dict[type, Rule]] = None,
                by_name: Optional[List[Tuple[str, Rule]]] = None,
@@ -230,6 +233,7 @@ class Composite:
             first_layer=first_layer if first_layer is not None else self.first_layer,
             first_layer_types=self.first_layer_types,
             options={**self.options, **(options or {})}, description=self.description,
+            canonize=self.canonize,
         )
 
     def has_rule(self, module: nn.Module) -> bool:
@@ -254,7 +258,7 @@ class Composite:
 
     def options_for(self, node: fx.Node) -> dict:
         opts: dict = {}
-        label = node.target if node.op == "call_module" else node.name
+        label = node.meta.get("source_target", node.target) if node.op == "call_module" else node.name
         for pattern, o in self.options.items():
             if fnmatch.fnmatchcase(str(label), pattern) or fnmatch.fnmatchcase(node.name, pattern):
                 opts.update(o)
@@ -262,7 +266,7 @@ class Composite:
 
     def _rule_for(self, node: fx.Node, module: Optional[nn.Module], is_first: bool,
                   users: RuleTable) -> Optional[Rule]:
-        label = node.target if node.op == "call_module" else node.name
+        label = node.meta.get("source_target", node.target) if node.op == "call_module" else node.name
         for pattern, rule in self.by_name:
             if fnmatch.fnmatchcase(str(label), pattern) or fnmatch.fnmatchcase(node.name, pattern):
                 return rule

@@ -181,6 +181,11 @@ def affine_of(ctx: NodeContext) -> Affine:
     x_shape = ctx.input_shapes[0]
     where = ctx.describe()
     if m is not None:
+        from lrpgraph.canonize import ConvBN, LinearBN
+        if isinstance(m, LinearBN):
+            return LinearAffine(m.weight, m.bias)
+        if isinstance(m, ConvBN):
+            return ConvAffine(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, x_shape, where=where)
         if isinstance(m, nn.Linear):
             return LinearAffine(m.weight, m.bias)
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -289,3 +289,27 @@ def test_coverage_lists_every_op():
     ex = Explainer(Rolling().eval())
     cov = {n: rule for n, _, rule in ex.coverage()}
     assert cov["roll"] == "MISSING" and cov["shift"].startswith("abslrp")
+
+
+@pytest.mark.parametrize("preset", ["lrp-gamma", "lrp-epsilon", "epsilon-plus-flat", "lrp-alpha2beta1"])
+def test_classic_presets_fold_batchnorm_like_a_hand_folded_model(preset):
+    """Classic presets fold BatchNorm into the conv before it (Zennit's canonisation): the result
+    equals explaining a model whose BN was folded by hand, and the user's model is untouched."""
+    model = randomise_bn(vgg_style()).eval().to(DT)
+    before = copy.deepcopy(model.state_dict())
+    conv, bn = model[5], model[6]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    folded_conv = nn.Conv2d(8, 16, 3, padding=1).to(DT)
+    folded_conv.weight.data = conv.weight.data * scale.reshape(-1, 1, 1, 1)
+    folded_conv.bias.data = (conv.bias.data - bn.running_mean) * scale + bn.bias.data
+    folded = nn.Sequential(*[m if i != 5 else folded_conv for i, m in enumerate(model) if i != 6]).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=DT)
+    ex = Explainer(model, preset)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in ex.plan.modules.values())
+    e = ex(x, [1, 2])
+    ref = Explainer(folded, preset)(x, [1, 2])
+    torch.testing.assert_close(e.logits, model(x))
+    torch.testing.assert_close(e.relevance, ref.relevance)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # absLRP keeps BatchNorm as its own node (spec 2.3)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in Explainer(model, "abslrp").plan.modules.values())
