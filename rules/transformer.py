@@ -279,9 +279,7 @@ class AbsSoftmax(AbsLRP):
 
     def __call__(self, ctx, relevance):
         if self.variant == "paper" and self.signs == "keep" and not ctx.report:
-            g = self.coefficient(ctx)
-            s = relevance / self.denominator(ctx)
-            return [g * one_pass_scale(relevance, s, g)]
+            return one_pass_diagonal(self, ctx, relevance)
         return super().__call__(ctx, relevance)
 
     def contributions(self, ctx, s):
@@ -350,11 +348,7 @@ class AbsLayerNorm(AbsLRP):
 
     def __call__(self, ctx, relevance):
         if self.variant == "paper" and self.signs == "keep" and not ctx.report:
-            g = self.coefficient(ctx)
-            s = relevance / self.denominator(ctx)
-            out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-            out[0] = g * one_pass_scale(relevance, s, g)
-            return out
+            return one_pass_diagonal(self, ctx, relevance)
         return super().__call__(ctx, relevance)
 
     def contributions(self, ctx, s):
@@ -659,6 +653,16 @@ def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor) -> Tensor:
     a = expand_stats(_ratio(p, mp), s)
     b = expand_stats(_ratio(n, mn), s)
     return torch.addcmul(s * b, sp, a - b)  # a S+ + b S- = b S + (a - b) S+
+
+
+def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
+    """The one-pass sign split for an element-wise rule whose contribution is ``coefficient * S``
+    (softmax, LayerNorm): the coefficient is also the column mass."""
+    g = rule.coefficient(ctx)
+    s = relevance / rule.denominator(ctx)
+    out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+    out[0] = g * one_pass_scale(relevance, s, g)
+    return out
 
 
 def _ratio(mass: Tensor, norm: Tensor) -> Tensor:
