@@ -52,6 +52,12 @@ def _pil():
     return Image
 
 
+def _to_pil(Image, rgb: Tensor):
+    """uint8 ``(H, W, 3)`` tensor to a PIL image without NumPy (the ``image`` extra needs none)."""
+    h, w, _ = rgb.shape
+    return Image.frombytes("RGB", (w, h), bytes(rgb.contiguous().reshape(-1).tolist()))
+
+
 def save_grid(path: Union[str, Path], images: Optional[Tensor], relevance: Tensor,
               titles: Optional[Sequence[str]] = None, scale: int = 4) -> Path:
     """Write a PNG: one row per sample with the input (if given) beside its heatmap.
@@ -83,7 +89,7 @@ def save_grid(path: Union[str, Path], images: Optional[Tensor], relevance: Tenso
         if titles:
             draw.text((pad, y), str(titles[i]), fill=(0, 0, 0))
         for j, col in enumerate(cols):
-            tile = Image.fromarray(col[i].numpy()).resize((cell_w, cell_h), Image.NEAREST)
+            tile = _to_pil(Image, col[i]).resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (pad + j * (cell_w + pad), y + cap))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
