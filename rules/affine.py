@@ -86,9 +86,26 @@ class ConvAffine(Affine):
         z = _CONV[self.nd](xx, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         return unflat_k(z, k) if k is not None else z
 
+    def _patchify(self, weight: Tensor) -> bool:
+        """Non-overlapping 2-D patches (stride = kernel, no padding or dilation, one group): the
+        transposed convolution is then one matmul per patch, much faster than the generic
+        backward-data kernel on CPU (a ViT patch embedding)."""
+        ker = tuple(weight.shape[2:])
+        return (self.nd == 2 and self.groups == 1 and _tuple(self.stride, 2) == ker
+                and _tuple(self.padding, 2) == (0, 0) and _tuple(self.dilation, 2) == (1, 1))
+
     def transpose(self, s, weight):
         k = s.shape[0]
         flat = flat_k(s)
+        if self._patchify(weight):
+            n, co, o1, o2 = flat.shape
+            ci, k1, k2 = weight.shape[1:]
+            cols = flat.reshape(n, co, o1 * o2).transpose(1, 2) @ weight.reshape(co, ci * k1 * k2)
+            r = cols.reshape(n, o1, o2, ci, k1, k2).permute(0, 3, 1, 4, 2, 5).reshape(n, ci, o1 * k1, o2 * k2)
+            h, w = self.in_shape[2:]
+            if (h, w) != (o1 * k1, o2 * k2):  # rows/cols the patches did not cover get nothing
+                r = F.pad(r, (0, w - o2 * k2, 0, h - o1 * k1))
+            return unflat_k(r, k)
         size = (flat.shape[0],) + self.in_shape[1:]
         r = _CONV_INPUT[self.nd](size, weight, flat, self.stride, self.padding, self.dilation, self.groups)
         return unflat_k(r, k)

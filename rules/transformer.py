@@ -722,6 +722,15 @@ class FastAbsAdd(OnePass, AbsAdd):
 class FastAbsElementwise(OnePass, AbsElementwise):
     """:class:`AbsElementwise` (ReLU, GELU) with the one-pass sign split: ``C`` = the coefficient."""
 
+    def __call__(self, ctx, relevance):
+        if self.variant != "paper" or ctx.report or not self.divide or not self.one_pass_ok(ctx) \
+                or tuple(ctx.output_shape) != tuple(ctx.input_shapes[0]):
+            return super().__call__(ctx, relevance)
+        return one_pass_diagonal(self, ctx, relevance)  # the coefficient (f' included) computed once
+
+    def coefficient(self, ctx):
+        return self.column_mass(ctx)
+
     def column_mass(self, ctx):
         x = ctx.inputs[0]
         _, df = _bind(self.f, self.df, ctx)

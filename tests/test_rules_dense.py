@@ -962,3 +962,18 @@ def test_structural_k_axis_broadcast() -> None:
     for k in range(K):
         one = ex(x, output_relevance=R[k:k + 1]).relevance
         close(both[:, k], one.reshape(both[:, k].shape))
+
+
+@pytest.mark.parametrize("size", [16, 18])
+def test_patch_conv_transpose_matches_conv_backward(size):
+    """The matmul path for non-overlapping patch convolutions (ViT patch embedding) equals the
+    generic transposed convolution, including inputs the patches do not cover exactly."""
+    from lrpgraph.rules.affine import ConvAffine
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    op = ConvAffine(w, None, (4, 4), (0, 0), (1, 1), 1, (2, 3, size, size))
+    assert op._patchify(w)
+    s = torch.randn(2, 2, 5, size // 4, size // 4, dtype=torch.float64)
+    ref = torch.nn.grad.conv2d_input((4, 3, size, size), w, s.reshape(4, 5, size // 4, size // 4), 4, 0)
+    torch.testing.assert_close(op.transpose(s, w), ref.reshape(2, 2, 3, size, size))
