@@ -66,10 +66,20 @@ class NodeContext:
     is_parameter: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
     report: bool = True
+    #: per-node scratch space, so that parts of one rule (column mass, contributions) share
+    #: derived tensors such as |x| or |W| instead of computing them twice (see :func:`memo`)
+    cache: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         """A short human description: ``node `x` (torch.roll)``."""
         return f"node `{self.name}` ({describe_target(self.op, self.target, self.module)})"
+
+
+def memo(ctx: NodeContext, key: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` computed once per node call and kept in ``ctx.cache[key]``."""
+    if key not in ctx.cache:
+        ctx.cache[key] = fn()
+    return ctx.cache[key]
 
 
 class Rule:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrpgraph.rule import EPS, NodeContext, Rule, Split, conserve_diagonal, conserve_signs, flat_k, unflat_k
+from lrpgraph.rule import EPS, NodeContext, Rule, Split, conserve_diagonal, conserve_signs, flat_k, memo, unflat_k
 
 from .affine import affine_of
 
@@ -85,7 +85,7 @@ class AbsLRP(Rule):
 
 
 def _nonneg(x: Tensor) -> bool:
-    return bool((x >= 0).all())
+    return x.numel() == 0 or bool(x.min() >= 0)  # a reduction, no boolean temporary
 
 
 class AbsAffine(AbsLRP):
@@ -98,15 +98,15 @@ class AbsAffine(AbsLRP):
     signs_known = True
 
     def contributions(self, ctx, s):
-        op = affine_of(ctx)
+        op = memo(ctx, "affine", lambda: affine_of(ctx))
         x = ctx.inputs[op.slot]
         w = op.weight
-        if w is None or _nonneg(w):  # pooling kernels: W = |W|
-            r = (x + x.abs()) * op.transpose(s, w)
-        elif _nonneg(x):
+        if w is None or memo(ctx, "W>=0", lambda: _nonneg(w)):  # pooling kernels: W = |W|
+            r = (x + memo(ctx, "|x|", x.abs)) * op.transpose(s, w)
+        elif memo(ctx, "x>=0", lambda: _nonneg(x)):
             r = 2 * x * op.transpose(s, w.clamp(min=0))
         else:
-            r = x * op.transpose(s, w) + x.abs() * op.transpose(s, w.abs())
+            r = x * op.transpose(s, w) + memo(ctx, "|x|", x.abs) * op.transpose(s, memo(ctx, "|W|", w.abs))
         return op.place(r)
 
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from lrpgraph.attention import attention_mask, scale_query
 from lrpgraph.presets import SCALES, extend_preset
-from lrpgraph.rule import EPS, NodeContext, Rule, Split, stabilise
+from lrpgraph.rule import EPS, NodeContext, Rule, Split, memo, stabilise
 from lrpgraph.text import masked_mean
 
 from .abslrp import ELEMENTWISE, AbsAdd, _bind, AbsAffine, AbsElementwise, AbsLRP, AbsScale
@@ -66,7 +66,7 @@ GUARD = 1e-12
 
 
 def _nonneg(x: Tensor) -> bool:
-    return bool((x >= 0).all())
+    return x.numel() == 0 or bool(x.min() >= 0)  # a reduction, no boolean temporary
 
 
 def _activations(ctx: NodeContext) -> List[int]:
@@ -701,11 +701,11 @@ class FastAbsAffine(OnePass, AbsAffine):
         return ctx.module is not None and isinstance(ctx.module, nn.Linear) or ctx.target is F.linear
 
     def column_mass(self, ctx):
-        op = affine_of(ctx)
+        op = memo(ctx, "affine", lambda: affine_of(ctx))
         x = ctx.inputs[op.slot]
         h = ctx.output if op.bias is None else ctx.output - op.bias
-        xa = x if _nonneg(x) else x.abs()
-        return h + F.linear(xa, op.weight.abs())
+        xa = x if memo(ctx, "x>=0", lambda: _nonneg(x)) else memo(ctx, "|x|", x.abs)
+        return h + F.linear(xa, memo(ctx, "|W|", op.weight.abs))
 
 
 class FastAbsAdd(OnePass, AbsAdd):
