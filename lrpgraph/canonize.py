@@ -21,7 +21,7 @@ from torch import Tensor, fx, nn
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-class _FusedBN(nn.Module):
+class FusedBN(nn.Module):
     """A layer followed by an eval-mode BatchNorm, as one affine layer (weights computed on use)."""
 
     def __init__(self, layer: nn.Module, bn: _BN):
@@ -55,7 +55,7 @@ class _FusedBN(nn.Module):
         return shift if b is None else b * scale + shift
 
 
-class ConvBN(_FusedBN):
+class ConvBN(FusedBN):
     """``Conv{1,2,3}d`` followed by BatchNorm, folded."""
 
     def __getattr__(self, name):
@@ -69,7 +69,7 @@ class ConvBN(_FusedBN):
         return fn(x, self.weight, self.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-class LinearBN(_FusedBN):
+class LinearBN(FusedBN):
     """``Linear`` followed by BatchNorm1d, folded."""
 
     def forward(self, x: Tensor) -> Tensor:

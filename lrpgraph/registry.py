@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import Tensor, fx, nn
 
+from .canonize import FusedBN
 from .rule import FunctionRule, Rule
 
 Key = Union[type, Callable, str]
@@ -273,8 +274,10 @@ class Composite:
         if is_first:
             return self.first_layer
         if module is not None:
+            # a layer with a folded BatchNorm (classic presets) still matches its own type
+            layer = module.layer if isinstance(module, FusedBN) else None
             for t, rule in self.by_type.items():
-                if isinstance(module, t):
+                if isinstance(module, t) or (layer is not None and isinstance(layer, t)):
                     return rule
         r = users.lookup(node.op, node.target, module)
         if r is not None:

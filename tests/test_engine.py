@@ -313,3 +313,10 @@ def test_classic_presets_fold_batchnorm_like_a_hand_folded_model(preset):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     # absLRP keeps BatchNorm as its own node (spec 2.3)
     assert any(isinstance(m, nn.BatchNorm2d) for m in Explainer(model, "abslrp").plan.modules.values())
+
+
+def test_by_type_override_applies_to_folded_layers():
+    model = randomise_bn(vgg_style()).eval().to(DT)
+    comp = lrpgraph.get_composite("lrp-epsilon").derive(by_type={nn.Conv2d: lrpgraph.rules.Gamma(0.1)})
+    rows = {r.name: r.rule for r in Explainer(model, comp)(torch.randn(1, 3, 16, 16, dtype=DT)).conservation()}
+    assert rows["_5"] == "gamma(0.1)" and rows["_0"] == "gamma(0.1)"  # _5 is the conv folded with BN _6
