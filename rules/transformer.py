@@ -260,16 +260,9 @@ def _softmax_dim(ctx: NodeContext) -> int:
     return d
 
 
-class AbsSoftmax(AbsLRP):
-    """absLRP softmax (spec 2.7); entries the softmax gives exactly 0 (masked) take nothing.
-
-    Args:
-        variant: ``"paper"`` or ``"head"``.
-        signs: paper variant only: ``"keep"`` (default) weights entries by ``|2 x h|`` so the
-            relevance keeps its sign; ``"flip"`` uses ``2 x h`` literally (see module doc).
-    """
-
-    kind = "abslrp.softmax"
+class _CoefficientRule(AbsLRP):
+    """An element-wise absLRP rule whose contribution is ``coefficient(ctx) * S`` (softmax,
+    LayerNorm), with the paper variant's sign option (see the module doc)."""
 
     def __init__(self, variant: str = "paper", signs: str = "keep"):
         super().__init__(variant)
@@ -286,6 +279,21 @@ class AbsSoftmax(AbsLRP):
         out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
         out[0] = self.coefficient(ctx) * s
         return out
+
+    def coefficient(self, ctx) -> Tensor:
+        raise NotImplementedError
+
+
+class AbsSoftmax(_CoefficientRule):
+    """absLRP softmax (spec 2.7); entries the softmax gives exactly 0 (masked) take nothing.
+
+    Args:
+        variant: ``"paper"`` or ``"head"``.
+        signs: paper variant only: ``"keep"`` (default) weights entries by ``|2 x h|`` so the
+            relevance keeps its sign; ``"flip"`` uses ``2 x h`` literally (see module doc).
+    """
+
+    kind = "abslrp.softmax"
 
     def coefficient(self, ctx) -> Tensor:
         """The contribution per unit ``S``: ``2 |x| h`` / ``2 x h`` (paper), ``x h + |x| h_abs`` (head)."""
@@ -329,7 +337,7 @@ def _stats(x: Tensor, n: int, eps: float):
     return mu, torch.sqrt(var + eps)
 
 
-class AbsLayerNorm(AbsLRP):
+class AbsLayerNorm(_CoefficientRule):
     """absLRP LayerNorm (spec 2.6), statistics constant; parameters take no relevance.
 
     Args:
@@ -339,22 +347,6 @@ class AbsLayerNorm(AbsLRP):
     """
 
     kind = "abslrp.layernorm"
-
-    def __init__(self, variant: str = "paper", signs: str = "keep"):
-        super().__init__(variant)
-        if signs not in ("keep", "flip"):
-            raise ValueError(f"signs must be 'keep' or 'flip', got {signs!r}")
-        self.signs = signs
-
-    def __call__(self, ctx, relevance):
-        if self.variant == "paper" and self.signs == "keep" and not ctx.report:
-            return one_pass_diagonal(self, ctx, relevance)
-        return super().__call__(ctx, relevance)
-
-    def contributions(self, ctx, s):
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self.coefficient(ctx) * s
-        return out
 
     def coefficient(self, ctx) -> Tensor:
         """The contribution per unit ``S`` (see the class doc)."""
