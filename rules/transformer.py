@@ -630,18 +630,26 @@ extend_preset("abslrp-renorm", _abs_table("head"))
 # numbers. With a report the exact two-stream Split is kept, so the report measures the streams.
 
 
-def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor) -> Tensor:
-    """``a S+ + b S-`` (see above); ``column_mass`` broadcasts against ``s`` without the K axis."""
+def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor, den: Optional[Tensor] = None) -> Tensor:
+    """``a S+ + b S-`` (see above); ``column_mass`` (and ``den``, the divisor with ``s = R / den``)
+    broadcast against ``s`` without the K axis."""
     from lrpgraph.rule import expand_stats, sample_sum
     k = s.shape[0]
     sp = s.clamp(min=0)
-    p = sample_sum(relevance.clamp(min=0))
-    n = (sample_sum(relevance) - p).abs()
-    # stream masses sum_f S+-[k, b, f] C[b, f] as batched dot products (no (K, B, ...) temporaries)
-    cm = column_mass.expand(s.shape[1:]).reshape(s.shape[1], 1, -1)
-    dot = lambda t: (t.reshape(k, t.shape[1], -1).transpose(0, 1) @ cm.transpose(1, 2)).reshape(t.shape[1], k).T  # noqa: E731
-    mp = dot(sp)
-    mn = (dot(s) - mp).abs()
+
+    # sums over features of t[k, b, f] * c[b, f], as batched dot products (no (K, B, ...) temporaries)
+    def dot(t: Tensor, c: Tensor) -> Tensor:
+        cm = c.expand(s.shape[1:]).reshape(s.shape[1], 1, -1)
+        return (t.reshape(k, t.shape[1], -1).transpose(0, 1) @ cm.transpose(1, 2)).reshape(t.shape[1], k).T
+
+    if den is None:
+        p = sample_sum(relevance.clamp(min=0))
+        n = (sample_sum(relevance) - p).abs()
+    else:  # R+ = S+ * den: the masses without a clamped copy of R
+        p = dot(sp, den)
+        n = (dot(s, den) - p).abs()
+    mp = dot(sp, column_mass)
+    mn = (dot(s, column_mass) - mp).abs()
     a = expand_stats(_ratio(p, mp), s)
     b = expand_stats(_ratio(n, mn), s)
     return torch.addcmul(s * b, sp, a - b)  # a S+ + b S- = b S + (a - b) S+
@@ -651,9 +659,10 @@ def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
     """The one-pass sign split for an element-wise rule whose contribution is ``coefficient * S``
     (softmax, LayerNorm): the coefficient is also the column mass."""
     g = rule.coefficient(ctx)
-    s = relevance / rule.denominator(ctx)
+    den = rule.denominator(ctx)
+    s = relevance / den
     out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-    out[0] = g * one_pass_scale(relevance, s, g)
+    out[0] = g * one_pass_scale(relevance, s, g, den)
     return out
 
 
@@ -682,8 +691,9 @@ class OnePass:
     def __call__(self, ctx, relevance):
         if self.variant != "paper" or ctx.report or not self.divide or not self.one_pass_ok(ctx):
             return super().__call__(ctx, relevance)
-        s = relevance / self.denominator(ctx)
-        return self.contributions(ctx, one_pass_scale(relevance, s, self.column_mass(ctx)))
+        den = self.denominator(ctx)
+        s = relevance / den
+        return self.contributions(ctx, one_pass_scale(relevance, s, self.column_mass(ctx), den))
 
 
 class FastAbsAffine(OnePass, AbsAffine):
@@ -695,9 +705,9 @@ class FastAbsAffine(OnePass, AbsAffine):
     def column_mass(self, ctx):
         op = memo(ctx, "affine", lambda: affine_of(ctx))
         x = ctx.inputs[op.slot]
-        h = ctx.output if op.bias is None else ctx.output - op.bias
         xa = x if memo(ctx, "x>=0", lambda: _nonneg(x)) else memo(ctx, "|x|", x.abs)
-        return h + F.linear(xa, memo(ctx, "|W|", op.weight.abs))
+        # (h - b) + |x| |W|^T, the bias folded into the matmul
+        return F.linear(xa, memo(ctx, "|W|", op.weight.abs), None if op.bias is None else -op.bias).add_(ctx.output)
 
 
 class FastAbsAdd(OnePass, AbsAdd):

@@ -320,3 +320,13 @@ def test_by_type_override_applies_to_folded_layers():
     comp = lrpgraph.get_composite("lrp-epsilon").derive(by_type={nn.Conv2d: lrpgraph.rules.Gamma(0.1)})
     rows = {r.name: r.rule for r in Explainer(model, comp)(torch.randn(1, 3, 16, 16, dtype=DT)).conservation()}
     assert rows["_5"] == "gamma(0.1)" and rows["_0"] == "gamma(0.1)"  # _5 is the conv folded with BN _6
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "abslrp-renorm"])
+def test_fast_paths_without_report_give_the_same_relevance_on_a_resnet(timm, preset):
+    """Without a report, absLRP takes one-pass forms (no second sign stream); same numbers."""
+    model = randomise_bn(timm.create_model("resnet18", pretrained=False, num_classes=10)).eval().to(DT)
+    x = torch.randn(2, 3, 32, 32, dtype=DT)
+    ex = Explainer(model, preset)
+    torch.testing.assert_close(ex(x, [1, 2], report=False).relevance, ex(x, [1, 2]).relevance,
+                               rtol=1e-9, atol=1e-13)
