@@ -153,7 +153,7 @@ class Explainer:
             raise
         except Exception as exc:
             raise ValueError(self._forward_error(x, exc)) from exc
-        logits = _value_at(rec, self._start_node, self.plan)
+        logits = _value_at(rec, self._start_node)
         if output_relevance is not None:
             start = output_relevance.to(logits.dtype)
             if start.shape == logits.shape:
@@ -193,7 +193,7 @@ class Explainer:
                 "what the model expects")
 
 
-def _value_at(rec, node: fx.Node, plan) -> Tensor:
+def _value_at(rec, node: fx.Node) -> Tensor:
     v = rec.values.get(node)
     if v is None:
         raise RuntimeError("internal: the output node's value was not recorded")

@@ -18,7 +18,6 @@ import operator
 from typing import Callable, List
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 _INPLACE_FUNCTIONS = {
@@ -105,6 +104,3 @@ def normalise(gm: fx.GraphModule) -> fx.GraphModule:
     gm.recompile()
     return gm
 
-
-# F.dropout in eval mode is the identity; keep the name importable for the registry
-dropout_functions = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)

@@ -6,7 +6,6 @@ freed. :func:`record` then runs the graph node by node under ``torch.no_grad()``
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Set
 

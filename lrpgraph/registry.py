@@ -18,7 +18,6 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor, fx, nn
 
 from .canonize import FusedBN

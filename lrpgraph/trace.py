@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, Optional
 
-import torch
 from torch import fx, nn
 
 

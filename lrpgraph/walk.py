@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-import torch
 from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message

@@ -24,9 +24,9 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lrpgraph.rule import EPS, NodeContext, Rule, Split, conserve_diagonal, conserve_signs, flat_k, memo, unflat_k
+from lrpgraph.rule import EPS, NodeContext, Rule, conserve_diagonal, conserve_signs, memo
 
 from .affine import affine_of
 
@@ -200,7 +200,7 @@ class AbsElementwise(AbsLRP):
     kind = "abslrp.elementwise"
 
     def __init__(self, f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor],
-                 variant: str = "paper", label: str = "", slope_attr: Optional[str] = None):
+                 variant: str = "paper", label: str = ""):
         super().__init__(variant)
         self.f, self.df, self.label = f, df, label
 

@@ -11,7 +11,7 @@ an :class:`Affine`, shared by Linear, Conv1d/2d/3d, BatchNorm, average pooling a
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -25,7 +25,7 @@ from typing import List, Optional, Union
 import torch
 from torch import Tensor
 
-from lrpgraph.rule import NodeContext, Rule, stabilise
+from lrpgraph.rule import Rule, stabilise
 
 from .abslrp import maxpool_config, scatter_max
 from .affine import affine_of

@@ -7,7 +7,7 @@ relevance tensor, whose extra leading axis K shifts every dim by one.
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 from torch import Tensor

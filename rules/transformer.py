@@ -49,12 +49,11 @@ from torch import Tensor, nn
 
 from lrpgraph.attention import attention_mask, scale_query
 from lrpgraph.presets import SCALES, extend_preset
-from lrpgraph.rule import EPS, NodeContext, Rule, Split, memo, stabilise
+from lrpgraph.rule import NodeContext, Rule, Split, _ratio, expand_stats, memo, sample_sum, stabilise
 from lrpgraph.text import masked_mean
 
-from .abslrp import ELEMENTWISE, AbsAdd, _bind, AbsAffine, AbsElementwise, AbsLRP, AbsScale
+from .abslrp import ELEMENTWISE, AbsAdd, AbsAffine, AbsElementwise, AbsLRP, AbsScale, _bind, _nonneg
 from .affine import affine_of
-from .structural import PassThrough
 
 MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 EINSUMS = (torch.einsum,)
@@ -63,10 +62,6 @@ LAYERNORMS = (nn.LayerNorm, F.layer_norm)
 EMBEDDINGS = (nn.Embedding, F.embedding)
 MASKS = (attention_mask, "masked_fill", torch.masked_fill)
 GUARD = 1e-12
-
-
-def _nonneg(x: Tensor) -> bool:
-    return x.numel() == 0 or bool(x.min() >= 0)  # a reduction, no boolean temporary
 
 
 def _activations(ctx: NodeContext) -> List[int]:
@@ -98,7 +93,6 @@ def matmul_contributions(a: Tensor, b: Tensor, s: Tensor, want_a: bool = True, w
     one-product fast path ``2 a * (s b+^T)``; results may carry broadcast batch dims (the walker sums
     them back).
     """
-    a0, b0 = a, b
     a, b, s, sq_a, sq_b = _promote(a, b, s)
     ra = rb = None
     a_pos, b_pos = _nonneg(a), _nonneg(b)
@@ -633,7 +627,6 @@ extend_preset("abslrp-renorm", _abs_table("head"))
 def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor, den: Optional[Tensor] = None) -> Tensor:
     """``a S+ + b S-`` (see above); ``column_mass`` (and ``den``, the divisor with ``s = R / den``)
     broadcast against ``s`` without the K axis."""
-    from lrpgraph.rule import expand_stats, sample_sum
     k = s.shape[0]
     sp = s.clamp(min=0)
 
@@ -664,15 +657,6 @@ def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
     out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
     out[0] = g * one_pass_scale(relevance, s, g, den)
     return out
-
-
-def _ratio(mass: Tensor, norm: Tensor) -> Tensor:
-    """``mass / norm`` exactly as :func:`lrpgraph.rule.conserve_signs` rescales its streams."""
-    try:
-        from lrpgraph.rule import _ratio as engine_ratio
-    except ImportError:  # an engine without it adds the reference's 1e-9
-        return mass / (norm + EPS)
-    return engine_ratio(mass, norm)
 
 
 class OnePass:

@@ -21,7 +21,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .gae import GAE
 from .methods import ALIASES, get_method, method_names
@@ -184,7 +184,7 @@ def _fmt(v) -> str:
 def write_markdown(rows, args, path: str, argv: Sequence[str], total_s: float) -> None:
     cols = [c for c in (GAE_COLS if "gae" in args.metrics else []) + (ABPC_COLS if "abpc" in args.metrics else [])]
     tcols = [c for c in ("gae_s", "abpc_s") if any(c in r for r in rows)]
-    lines = [f"# lrpgraph evaluate", "",
+    lines = ["# lrpgraph evaluate", "",
              f"Command: `lrpgraph evaluate {' '.join(shlex.quote(a) for a in argv)}`  ",
              f"N = {rows[0]['n'] if rows else args.n} images, seed {args.seed}, GAE T = {args.gae_steps}, "
              f"ABPC: unit {args.abpc_unit}, {args.abpc_steps} steps, baseline {args.abpc_baseline}, "
