@@ -24,9 +24,9 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from lrpgraph.rule import EPS, NodeContext, Rule, conserve_diagonal, conserve_signs, memo
+from lrpgraph.rule import EPS, NodeContext, Rule, _ratio, conserve_diagonal, conserve_signs, expand_stats, memo, sample_sum
 
 from .affine import affine_of
 
@@ -88,6 +88,53 @@ def _nonneg(x: Tensor) -> bool:
     return x.numel() == 0 or bool(x.min() >= 0)  # a reduction, no boolean temporary
 
 
+# --------------------------------------------------------------------------------------------
+# the one-pass form of the paper-era sign split (used when no report is measured)
+#
+# conserve_signs pushes S+ and S- through a rule separately (2K relevance rows) and rescales each
+# stream to the mass of its sign. When every contribution coefficient is non-negative (AbsAffine on
+# Linear here; softmax, LayerNorm and products in rules/transformer.py), the stream masses are
+# known without the streams: |r(S+)| = sum_j S+_j C_j with
+# C_j = the total contribution into output j (summed over inputs and slots). By linearity the
+# result is r(a S+ + b S-) with a = P / |r(S+)|, b = |N| / |r(S-)|: one pass over K rows, same
+# numbers. With a report the exact two-stream Split is kept, so the report measures the streams.
+
+
+def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor, den: Optional[Tensor] = None) -> Tensor:
+    """``a S+ + b S-`` (see above); ``column_mass`` (and ``den``, the divisor with ``s = R / den``)
+    broadcast against ``s`` without the K axis."""
+    k = s.shape[0]
+    sp = s.clamp(min=0)
+
+    # sums over features of t[k, b, f] * c[b, f], as batched dot products (no (K, B, ...) temporaries)
+    def dot(t: Tensor, c: Tensor) -> Tensor:
+        cm = c.expand(s.shape[1:]).reshape(s.shape[1], 1, -1)
+        return (t.reshape(k, t.shape[1], -1).transpose(0, 1) @ cm.transpose(1, 2)).reshape(t.shape[1], k).T
+
+    if den is None:
+        p = sample_sum(relevance.clamp(min=0))
+        n = (sample_sum(relevance) - p).abs()
+    else:  # R+ = S+ * den: the masses without a clamped copy of R
+        p = dot(sp, den)
+        n = (dot(s, den) - p).abs()
+    mp = dot(sp, column_mass)
+    mn = (dot(s, column_mass) - mp).abs()
+    a = expand_stats(_ratio(p, mp), s)
+    b = expand_stats(_ratio(n, mn), s)
+    return torch.addcmul(s * b, sp, a - b)  # a S+ + b S- = b S + (a - b) S+
+
+
+def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
+    """The one-pass sign split for an element-wise rule whose contribution is ``coefficient * S``
+    (softmax, LayerNorm): the coefficient is also the column mass."""
+    g = rule.coefficient(ctx)
+    den = rule.denominator(ctx)
+    s = relevance / den
+    out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+    out[0] = g * one_pass_scale(relevance, s, g, den)
+    return out
+
+
 class AbsAffine(AbsLRP):
     """Linear, Conv1d/2d/3d, BatchNorm (one stage), average pools, means: ``x*(W^T S) + |x|*(|W|^T S)``.
 
@@ -96,6 +143,20 @@ class AbsAffine(AbsLRP):
 
     kind = "abslrp.affine"
     signs_known = True
+
+    def __call__(self, ctx, relevance):
+        linear = isinstance(ctx.module, nn.Linear) or ctx.target is F.linear
+        if self.variant != "paper" or ctx.report or not self.divide or not linear:
+            return super().__call__(ctx, relevance)
+        den = self.denominator(ctx)  # the one-pass form (see above): no second sign stream
+        return self.contributions(ctx, one_pass_scale(relevance, relevance / den, self.column_mass(ctx), den))
+
+    def column_mass(self, ctx: NodeContext) -> Tensor:
+        """Linear: ``C = (h - b) + |x| |W|^T``, the total contribution into each output."""
+        op = memo(ctx, "affine", lambda: affine_of(ctx))
+        x = ctx.inputs[op.slot]
+        xa = x if memo(ctx, "x>=0", lambda: _nonneg(x)) else memo(ctx, "|x|", x.abs)
+        return F.linear(xa, memo(ctx, "|W|", op.weight.abs), None if op.bias is None else -op.bias).add_(ctx.output)
 
     def contributions(self, ctx, s):
         op = memo(ctx, "affine", lambda: affine_of(ctx))

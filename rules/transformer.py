@@ -49,11 +49,10 @@ from torch import Tensor, nn
 
 from lrpgraph.attention import attention_mask, scale_query
 from lrpgraph.presets import SCALES, extend_preset
-from lrpgraph.rule import NodeContext, Rule, Split, _ratio, expand_stats, memo, sample_sum, stabilise
+from lrpgraph.rule import NodeContext, Rule, Split, stabilise
 from lrpgraph.text import masked_mean
 
-from .abslrp import ELEMENTWISE, AbsAdd, AbsAffine, AbsElementwise, AbsLRP, AbsScale, _bind, _nonneg
-from .affine import affine_of
+from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
 
 MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 EINSUMS = (torch.einsum,)
@@ -551,17 +550,6 @@ def abslrp_transformer_table(variant: str) -> dict:
         t[k] = ln
     t[F.normalize] = AbsNormalize(variant)
     t[masked_mean] = AbsMaskedMean(variant)
-    if variant == "paper":  # same maths as the base rules, with the one-pass form when no report
-        fast_affine = FastAbsAffine(variant)
-        for k in (nn.Linear, F.linear):
-            t[k] = fast_affine
-        t[operator.add] = FastAbsAdd(variant)
-        from lrpgraph.presets import ACTIVATIONS
-        for label in ("relu", "gelu"):
-            f, df = ELEMENTWISE[label]
-            rule = FastAbsElementwise(f, df, variant, label=label)
-            for k in ACTIVATIONS[label]:
-                t[k] = rule
     return t
 
 
@@ -611,120 +599,6 @@ def _abs_table(variant: str):
 extend_preset("*", classic_transformer_table)
 extend_preset("abslrp", _abs_table("paper"))
 extend_preset("abslrp-renorm", _abs_table("head"))
-
-
-# --------------------------------------------------------------------------------------------
-# the one-pass form of the paper-era sign split (used when no report is measured)
-#
-# conserve_signs pushes S+ and S- through a rule separately (2K relevance rows) and rescales each
-# stream to the mass of its sign. When every contribution coefficient is non-negative (true for
-# all rules below), the stream masses are known without the streams: |r(S+)| = sum_j S+_j C_j with
-# C_j = the total contribution into output j (summed over inputs and slots). By linearity the
-# result is r(a S+ + b S-) with a = P / |r(S+)|, b = |N| / |r(S-)|: one pass over K rows, same
-# numbers. With a report the exact two-stream Split is kept, so the report measures the streams.
-
-
-def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor, den: Optional[Tensor] = None) -> Tensor:
-    """``a S+ + b S-`` (see above); ``column_mass`` (and ``den``, the divisor with ``s = R / den``)
-    broadcast against ``s`` without the K axis."""
-    k = s.shape[0]
-    sp = s.clamp(min=0)
-
-    # sums over features of t[k, b, f] * c[b, f], as batched dot products (no (K, B, ...) temporaries)
-    def dot(t: Tensor, c: Tensor) -> Tensor:
-        cm = c.expand(s.shape[1:]).reshape(s.shape[1], 1, -1)
-        return (t.reshape(k, t.shape[1], -1).transpose(0, 1) @ cm.transpose(1, 2)).reshape(t.shape[1], k).T
-
-    if den is None:
-        p = sample_sum(relevance.clamp(min=0))
-        n = (sample_sum(relevance) - p).abs()
-    else:  # R+ = S+ * den: the masses without a clamped copy of R
-        p = dot(sp, den)
-        n = (dot(s, den) - p).abs()
-    mp = dot(sp, column_mass)
-    mn = (dot(s, column_mass) - mp).abs()
-    a = expand_stats(_ratio(p, mp), s)
-    b = expand_stats(_ratio(n, mn), s)
-    return torch.addcmul(s * b, sp, a - b)  # a S+ + b S- = b S + (a - b) S+
-
-
-def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
-    """The one-pass sign split for an element-wise rule whose contribution is ``coefficient * S``
-    (softmax, LayerNorm): the coefficient is also the column mass."""
-    g = rule.coefficient(ctx)
-    den = rule.denominator(ctx)
-    s = relevance / den
-    out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-    out[0] = g * one_pass_scale(relevance, s, g, den)
-    return out
-
-
-class OnePass:
-    """Mixin for absLRP rules: ``paper`` variant without a report takes the one-pass form.
-
-    Subclasses implement ``column_mass(ctx)`` (``C``, broadcastable to the output) and may override
-    ``coefficients``-based shortcuts; ``contributions(ctx, s)`` must be non-negative for ``s >= 0``.
-    """
-
-    def column_mass(self, ctx: NodeContext) -> Tensor:
-        raise NotImplementedError
-
-    def one_pass_ok(self, ctx: NodeContext) -> bool:
-        return True
-
-    def __call__(self, ctx, relevance):
-        if self.variant != "paper" or ctx.report or not self.divide or not self.one_pass_ok(ctx):
-            return super().__call__(ctx, relevance)
-        den = self.denominator(ctx)
-        s = relevance / den
-        return self.contributions(ctx, one_pass_scale(relevance, s, self.column_mass(ctx), den))
-
-
-class FastAbsAffine(OnePass, AbsAffine):
-    """:class:`AbsAffine` for Linear with the one-pass sign split: ``C = (h - b) + |x| |W|^T``."""
-
-    def one_pass_ok(self, ctx):
-        return ctx.module is not None and isinstance(ctx.module, nn.Linear) or ctx.target is F.linear
-
-    def column_mass(self, ctx):
-        op = memo(ctx, "affine", lambda: affine_of(ctx))
-        x = ctx.inputs[op.slot]
-        xa = x if memo(ctx, "x>=0", lambda: _nonneg(x)) else memo(ctx, "|x|", x.abs)
-        # (h - b) + |x| |W|^T, the bias folded into the matmul
-        return F.linear(xa, memo(ctx, "|W|", op.weight.abs), None if op.bias is None else -op.bias).add_(ctx.output)
-
-
-class FastAbsAdd(OnePass, AbsAdd):
-    """:class:`AbsAdd` with the one-pass sign split: ``C = sum_k 2 a_k+``."""
-
-    def column_mass(self, ctx):
-        c = 0
-        for v in ctx.inputs:
-            if isinstance(v, Tensor):
-                c = c + 2 * v.clamp(min=0)
-        return c
-
-
-class FastAbsElementwise(OnePass, AbsElementwise):
-    """:class:`AbsElementwise` (ReLU, GELU) with the one-pass sign split: ``C`` = the coefficient."""
-
-    def __call__(self, ctx, relevance):
-        if self.variant != "paper" or ctx.report or not self.divide or not self.one_pass_ok(ctx) \
-                or tuple(ctx.output_shape) != tuple(ctx.input_shapes[0]):
-            return super().__call__(ctx, relevance)
-        return one_pass_diagonal(self, ctx, relevance)  # the coefficient (f' included) computed once
-
-    def coefficient(self, ctx):
-        return self.column_mass(ctx)
-
-    def column_mass(self, ctx):
-        x = ctx.inputs[0]
-        _, df = _bind(self.f, self.df, ctx)
-        g = x * df(x) * (1 + torch.sign(ctx.output.reshape(x.shape)))
-        return g.reshape(ctx.output.shape)
-
-    def one_pass_ok(self, ctx):
-        return ctx.module is None or not hasattr(ctx.module, "negative_slope")
 
 
 def _product_mass(ctx: NodeContext) -> Tensor:
