@@ -14,7 +14,7 @@ from .passes import normalise
 from .record import NoRuleError, compile_plan, record
 from .registry import Composite, get_composite
 from .report import ConservationReport, NodeBalance
-from .rule import describe_target
+from .rule import Scratch, describe_target
 from .trace import trace
 from .walk import walk
 
@@ -85,6 +85,7 @@ class Explainer:
         self.plan = compile_plan(self.graph_module, self.composite)
         self._start_node = self._output_node(output)
         self.plan.keep.add(self._start_node)  # the logits are always kept
+        self._scratch = Scratch()
 
     @property
     def preset(self) -> str:
@@ -172,7 +173,7 @@ class Explainer:
             start = self.composite.start.init(logits, tgt, contrastive)
             finish = self.composite.start.finish
         with torch.no_grad():  # explicit tensor maths only: no autograd graph is built
-            res = walk(self.plan, rec, self._start_node, start, report=report,
+            res = walk(self.plan, rec, self._start_node, start, report=report, scratch=self._scratch,
                        keep=set(keep) if keep is not None else None)
         r_in = res["inputs"][0]
         if r_in is None:

@@ -7,13 +7,14 @@ relevance and recorded activations are freed.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Optional
 
 from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message
 from .report import NodeBalance, balance, stats
-from .rule import NodeContext, Relevance, Rule, Split, describe_target, unit_l1, unbroadcast
+from .rule import NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1, unbroadcast
 
 
 class RuleError(RuntimeError):
@@ -35,7 +36,8 @@ def _add(a: Relevance, b: Relevance) -> Relevance:
     raise RuleError("cannot sum a tensor relevance with a tuple relevance at a fan-out")
 
 
-def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool = True) -> NodeContext:
+def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool = True,
+             scratch: Optional[Scratch] = None) -> NodeContext:
     vals, shapes = rec.values, rec.shapes
     get = lambda n: vals.get(n)  # noqa: E731
     slots = plan.slots[node]
@@ -45,12 +47,12 @@ def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool
         inputs=[vals.get(s) for s in slots], input_shapes=[shapes.get(s) for s in slots],
         output=vals.get(node), output_shape=shapes.get(node), batch_size=rec.batch_size,
         is_parameter=[s.op == "get_attr" or s not in plan.live for s in slots], options=plan.options.get(node, {}),
-        report=report,
+        report=report, scratch=scratch,
     )
 
 
 def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
-         report: bool = True, keep: Optional[set] = None) -> Dict[str, Any]:
+         report: bool = True, keep: Optional[set] = None, scratch: Optional[Scratch] = None) -> Dict[str, Any]:
     """Propagate ``start`` (``(K, *start_node_shape)``) from ``start_node`` to the inputs.
 
     Returns ``{"inputs": [relevance per placeholder], "balance": [NodeBalance], "absorbed":
@@ -64,6 +66,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
     kept: Dict[str, Relevance] = {}
     absorbed: Dict[str, Relevance] = {}
     placeholders = set(plan.placeholders)
+    scratch = scratch if scratch is not None else Scratch()  # the rules' temporaries, reused node to node
     for node in reversed(plan.nodes):
         r = rel.pop(node, None)
         if r is None:
@@ -84,7 +87,11 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                                     note=f"absorbed by {what}"))
             absorbed[node.name] = r
             continue
-        ctx = _context(plan, rec, node, rule, report)
+        ctx = _context(plan, rec, node, rule, report, scratch)
+        # hand the relevance over when nothing else refers to it (not the report, not `keep`, not
+        # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it
+        ctx.owns_relevance = (not report and isinstance(r, Tensor) and r._base is None
+                              and not (keep is not None and node.name in keep) and sys.getrefcount(r) == 2)
         try:
             out = list(rule(ctx, r))
         except RuleError:
@@ -114,6 +121,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                 o = unit_l1(o)
             rel[s] = _add(rel.get(s), o)
         rec.values.pop(node, None)
+        out = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
     inputs = [rel.pop(p, None) for p in plan.placeholders]
     return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept}
 

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrpgraph.rule import EPS, NodeContext, Rule, _ratio, conserve_diagonal, conserve_signs, expand_stats, memo, sample_sum
+from lrpgraph.rule import (EPS, NodeContext, Rule, _ratio, conserve_diagonal, conserve_signs, expand_stats, memo,
+                           sample_dot, temp)
 
-from .affine import affine_of
+from .affine import LinearAffine, affine_of
 
 VARIANTS = ("paper", "head")
 
@@ -58,8 +59,8 @@ class AbsLRP(Rule):
         return f"{self.kind}[{self.variant}]"
 
     def denominator(self, ctx: NodeContext) -> Tensor:
-        h = ctx.output
-        return h.abs() + EPS
+        """``|h| + 1e-9``, in a scratch buffer (valid while the rule runs)."""
+        return torch.abs(ctx.output, out=temp(ctx, "den", ctx.output)).add_(EPS)
 
     def contributions(self, ctx: NodeContext, s: Tensor) -> List[Optional[Tensor]]:
         """``a_k * VJP_{a_k}(h + h_abs)[s]`` for every slot (linear in ``s``)."""
@@ -74,7 +75,7 @@ class AbsLRP(Rule):
         g = self.gains(ctx) if self.divide else None
         if g is not None:
             if self.variant == "paper":
-                return conserve_diagonal(relevance, g)
+                return conserve_diagonal(relevance, g, ctx)
             return [None if gk is None else gk * relevance for gk in g]
         den = self.denominator(ctx) if self.divide else torch.ones((), dtype=relevance.dtype,
                                                                    device=relevance.device)
@@ -100,39 +101,33 @@ def _nonneg(x: Tensor) -> bool:
 # numbers. With a report the exact two-stream Split is kept, so the report measures the streams.
 
 
-def one_pass_scale(relevance: Tensor, s: Tensor, column_mass: Tensor, den: Optional[Tensor] = None) -> Tensor:
-    """``a S+ + b S-`` (see above); ``column_mass`` (and ``den``, the divisor with ``s = R / den``)
-    broadcast against ``s`` without the K axis."""
-    k = s.shape[0]
-    sp = s.clamp(min=0)
+def one_pass_scale(relevance: Tensor, column_mass: Union[Tensor, Callable[[Tensor], Tensor]],
+                   den: Tensor, ctx: Optional[NodeContext] = None) -> Tensor:
+    """``a S+ + b S-`` with ``S = relevance / den`` (see above).
 
-    # sums over features of t[k, b, f] * c[b, f], as batched dot products (no (K, B, ...) temporaries)
-    def dot(t: Tensor, c: Tensor) -> Tensor:
-        cm = c.expand(s.shape[1:]).reshape(s.shape[1], 1, -1)
-        return (t.reshape(k, t.shape[1], -1).transpose(0, 1) @ cm.transpose(1, 2)).reshape(t.shape[1], k).T
-
-    if den is None:
-        p = sample_sum(relevance.clamp(min=0))
-        n = (sample_sum(relevance) - p).abs()
-    else:  # R+ = S+ * den: the masses without a clamped copy of R
-        p = dot(sp, den)
-        n = (dot(s, den) - p).abs()
-    mp = dot(sp, column_mass)
-    mn = (dot(s, column_mass) - mp).abs()
+    ``column_mass`` and ``den`` broadcast against ``relevance`` without the K axis; ``den`` must be
+    the caller's own new tensor. ``column_mass`` may be a function that computes the mass into the
+    buffer it is given (``den``'s memory, free by then), which saves the largest temporary. With
+    ``ctx`` the result is a scratch buffer of the walk (valid while the rule runs).
+    """
+    s = torch.div(relevance, den, out=temp(ctx, "one-pass.s", relevance))
+    sp = torch.clamp(s, min=0, out=temp(ctx, "one-pass.s+", relevance))
+    p = sample_dot(sp, den)  # R+ = S+ * den: the masses without a clamped copy of R
+    n = (sample_dot(s, den) - p).abs()
+    c = column_mass(den) if callable(column_mass) else column_mass
+    mp = sample_dot(sp, c)
+    mn = (sample_dot(s, c) - mp).abs()
     a = expand_stats(_ratio(p, mp), s)
     b = expand_stats(_ratio(n, mn), s)
-    return torch.addcmul(s * b, sp, a - b)  # a S+ + b S- = b S + (a - b) S+
+    return sp.mul_(a - b).addcmul_(s, b)  # (a - b) S+ + b S = a S+ + b S-
 
 
 def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
     """The one-pass sign split for an element-wise rule whose contribution is ``coefficient * S``
-    (softmax, LayerNorm): the coefficient is also the column mass."""
-    g = rule.coefficient(ctx)
-    den = rule.denominator(ctx)
-    s = relevance / den
+    (softmax, LayerNorm): with the gain ``coefficient / den`` it is :func:`conserve_diagonal`."""
     out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-    out[0] = g * one_pass_scale(relevance, s, g, den)
-    return out
+    out[0] = rule.coefficient(ctx).div_(rule.denominator(ctx))
+    return conserve_diagonal(relevance, out, ctx)
 
 
 class AbsAffine(AbsLRP):
@@ -148,15 +143,25 @@ class AbsAffine(AbsLRP):
         linear = isinstance(ctx.module, nn.Linear) or ctx.target is F.linear
         if self.variant != "paper" or ctx.report or not self.divide or not linear:
             return super().__call__(ctx, relevance)
-        den = self.denominator(ctx)  # the one-pass form (see above): no second sign stream
-        return self.contributions(ctx, one_pass_scale(relevance, relevance / den, self.column_mass(ctx), den))
+        # the one-pass form (see above): no second sign stream
+        scaled = one_pass_scale(relevance, lambda buf: self.column_mass(ctx, buf), self.denominator(ctx), ctx)
+        return self.contributions(ctx, scaled)
 
-    def column_mass(self, ctx: NodeContext) -> Tensor:
-        """Linear: ``C = (h - b) + |x| |W|^T``, the total contribution into each output."""
+    def column_mass(self, ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
+        """Linear: ``C = (h - b) + |x| |W|^T``, the total contribution into each output (written
+        into ``out`` if given, a free buffer shaped like the output)."""
         op = memo(ctx, "affine", lambda: affine_of(ctx))
         x = ctx.inputs[op.slot]
-        xa = x if memo(ctx, "x>=0", lambda: _nonneg(x)) else memo(ctx, "|x|", x.abs)
-        return F.linear(xa, memo(ctx, "|W|", op.weight.abs), None if op.bias is None else -op.bias).add_(ctx.output)
+        xa = x if memo(ctx, "x>=0", lambda: _nonneg(x)) else _abs_input(ctx, x)
+        wa = memo(ctx, "|W|", op.weight.abs)
+        h = ctx.output
+        if out is None or torch.is_grad_enabled() or not (out.is_contiguous() and h.is_contiguous() and xa.is_contiguous()):
+            return F.linear(xa, wa, None if op.bias is None else -op.bias).add_(h)
+        c = torch.addmm(h.reshape(-1, h.shape[-1]), xa.reshape(-1, xa.shape[-1]), wa.T,
+                        out=out.view(-1, out.shape[-1]))
+        if op.bias is not None:
+            c.sub_(op.bias)
+        return out
 
     def contributions(self, ctx, s):
         op = memo(ctx, "affine", lambda: affine_of(ctx))
@@ -165,10 +170,24 @@ class AbsAffine(AbsLRP):
         if w is None or memo(ctx, "W>=0", lambda: _nonneg(w)):  # pooling kernels: W = |W|
             r = (x + memo(ctx, "|x|", x.abs)) * op.transpose(s, w)
         elif memo(ctx, "x>=0", lambda: _nonneg(x)):
-            r = 2 * x * op.transpose(s, w.clamp(min=0))
+            if isinstance(op, LinearAffine):
+                r = op.transpose(s, w.clamp(min=0)).mul_(x).mul_(2)
+            else:
+                r = 2 * x * op.transpose(s, w.clamp(min=0))
+        elif isinstance(op, LinearAffine):  # s @ W is a new tensor: accumulate in place
+            # (no addcmul: a fused multiply-add would leave rounding residue where the two terms
+            # cancel exactly, and a stream's rescale would then blow that residue up)
+            wa = memo(ctx, "|W|", w.abs)
+            v = torch.matmul(s, wa, out=temp(ctx, "affine.v", s, tuple(s.shape[:-1]) + (wa.shape[1],)))
+            r = op.transpose(s, w).mul_(x).add_(v.mul_(_abs_input(ctx, x)))
         else:
             r = x * op.transpose(s, w) + memo(ctx, "|x|", x.abs) * op.transpose(s, memo(ctx, "|W|", w.abs))
         return op.place(r)
+
+
+def _abs_input(ctx: NodeContext, x: Tensor) -> Tensor:
+    """``|x|`` of an affine node's input, once per node call, in a scratch buffer."""
+    return memo(ctx, "|x|", lambda: torch.abs(x, out=temp(ctx, "affine.|x|", x)))
 
 
 class AbsBatchNormTwoStage(AbsLRP):
@@ -192,7 +211,7 @@ class AbsBatchNormTwoStage(AbsLRP):
         # Both gains are >= 0 and element-wise, so conserving after each stage equals conserving
         # once with their product (per-sign rescales commute): one pass instead of two.
         g = (4 * (gamma * h1).clamp(min=0) / (ctx.output.abs() + EPS)) * (x.clamp(min=0) / sigma / (h1.abs() + EPS))
-        return conserve_diagonal(relevance, [g])
+        return conserve_diagonal(relevance, [g], ctx)
 
 
 class AbsAdd(AbsLRP):
@@ -212,8 +231,10 @@ class AbsAdd(AbsLRP):
         return out
 
     def gains(self, ctx):
-        inv = 2 / self.denominator(ctx)
-        return [None if not isinstance(v, Tensor) else v.clamp(min=0) * inv for v in ctx.inputs]
+        inv = self.denominator(ctx).reciprocal_().mul_(2)
+        return [None if not isinstance(v, Tensor) else
+                torch.clamp(v, min=0, out=temp(ctx, f"add.gain{i}", v)).mul_(inv) if v.shape == inv.shape
+                else v.clamp(min=0) * inv for i, v in enumerate(ctx.inputs)]
 
 
 class AbsScale(AbsLRP):
@@ -290,16 +311,33 @@ class AbsElementwise(AbsLRP):
             return None
         f, df = _bind(self.f, self.df, ctx)
         y = ctx.output.reshape(x.shape)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        if self.variant == "paper" and f is gelu_erf:
+            out[0] = _gelu_paper_gain(x, y, ctx)
+            return out
         if self.variant == "head":
             g = x * df(x) + x.abs() * df(x.abs())
         else:
-            g = x * df(x) * (1 + torch.sign(y))
+            g = (x * df(x)).mul_(torch.sign(y).add_(1))
         if self.label not in ("relu", "identity", "leaky_relu"):
-            g = g.clamp(min=0)  # exact 0 where rounding would give -0.0-ish values
-        g = g / (y.abs() + EPS)
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = g
+            g = g.clamp_(min=0)  # exact 0 where rounding would give -0.0-ish values
+        out[0] = g.div_(y.abs().add_(EPS))
         return out
+
+
+def _gelu_paper_gain(x: Tensor, y: Tensor, ctx: Optional[NodeContext] = None) -> Tensor:
+    """The paper gain of the exact GELU, ``x gelu'(x) (1 + sign y) / (|y| + eps)``, in few passes.
+
+    ``y = x Phi(x)`` is positive exactly where ``x`` is, and there ``x gelu'(x) = y + x^2 phi(x)``:
+    the recorded output replaces the erf, and ``x <= 0`` gives 0 (``x+ = 0`` and ``y+ = 0``).
+    With ``ctx`` the gain is a scratch buffer (valid while the rule runs).
+    """
+    q = torch.clamp(x, min=0, out=temp(ctx, "gelu.x2", x))
+    q.mul_(q)  # (x+)^2
+    g = torch.mul(q, -0.5, out=temp(ctx, "gelu.gain", x)).exp_().mul_(q).mul_(1 / math.sqrt(2 * math.pi))
+    yp = torch.clamp(y, min=0, out=temp(ctx, "gelu.x2", x))  # the (x+)^2 buffer, no longer needed
+    g.add_(yp).mul_(2)
+    return g.div_(yp.add_(EPS))
 
 
 #: activations whose gain x f'(x)(1 + sign f(x)) (paper) and x f'(x) + |x| f'(|x|) (head) is >= 0

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from lrpgraph.attention import attention_mask, scale_query
 from lrpgraph.presets import SCALES, extend_preset
-from lrpgraph.rule import NodeContext, Rule, Split, stabilise
+from lrpgraph.rule import NodeContext, Rule, Split, memo, stabilise, temp
 from lrpgraph.text import masked_mean
 
 from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
@@ -85,37 +85,52 @@ def _promote(a: Tensor, b: Tensor, s: Tensor):
     return a, b, s, sq_a, sq_b
 
 
-def matmul_contributions(a: Tensor, b: Tensor, s: Tensor, want_a: bool = True, want_b: bool = True):
+def matmul_contributions(a: Tensor, b: Tensor, s: Tensor, want_a: bool = True, want_b: bool = True,
+                         ctx: Optional[NodeContext] = None):
     """``a * (s b^T) + |a| * (s |b|^T)`` and ``b * (a^T s) + |b| * (|a|^T s)`` for ``h = a @ b``.
 
     ``s`` is ``(K, *h.shape)``. Non-negative operands (attention weights, post-ReLU values) take the
     one-product fast path ``2 a * (s b+^T)``; results may carry broadcast batch dims (the walker sums
-    them back).
+    them back). With ``ctx``, ``|a|``, ``|b|`` and the sign checks are shared with the column mass.
     """
+    a_pos, b_pos, abs_a, abs_b = _operand_facts(a, b, ctx)
     a, b, s, sq_a, sq_b = _promote(a, b, s)
     ra = rb = None
-    a_pos, b_pos = _nonneg(a), _nonneg(b)
     if want_a:
         bt = b.transpose(-1, -2)
         if a_pos:
-            ra = 2 * a * (s @ bt.clamp(min=0))
+            ra = (s @ bt.clamp(min=0)).mul_(a).mul_(2)
         elif b_pos:
-            ra = 2 * a.clamp(min=0) * (s @ bt)
-        else:
-            ra = a * (s @ bt) + a.abs() * (s @ bt.abs())
+            ra = (s @ bt).mul_(a.clamp(min=0)).mul_(2)
+        else:  # each matmul result is a new tensor: accumulate in place (no fused addcmul, see AbsAffine)
+            ra = (s @ bt).mul_(a).add_((s @ _promote_like(abs_b(), b).transpose(-1, -2)).mul_(_promote_like(abs_a(), a)))
         if sq_a:
             ra = ra.squeeze(-2)
     if want_b:
         at = a.transpose(-1, -2)
         if b_pos:
-            rb = 2 * b * (at.clamp(min=0) @ s)
+            rb = (at.clamp(min=0) @ s).mul_(b).mul_(2)
         elif a_pos:
-            rb = 2 * b.clamp(min=0) * (at @ s)
+            rb = (at @ s).mul_(b.clamp(min=0)).mul_(2)
         else:
-            rb = b * (at @ s) + b.abs() * (at.abs() @ s)
+            rb = (at @ s).mul_(b).add_((_promote_like(abs_a(), a).transpose(-1, -2) @ s).mul_(_promote_like(abs_b(), b)))
         if sq_b:
             rb = rb.squeeze(-1)
     return ra, rb
+
+
+def _operand_facts(a: Tensor, b: Tensor, ctx: Optional[NodeContext]):
+    """(a >= 0?, b >= 0?, |a| getter, |b| getter), memoised per node call when ``ctx`` is given."""
+    if ctx is None:
+        return _nonneg(a), _nonneg(b), a.abs, b.abs
+    return (memo(ctx, "a>=0", lambda: _nonneg(a)), memo(ctx, "b>=0", lambda: _nonneg(b)),
+            lambda: memo(ctx, "|a|", lambda: torch.abs(a, out=temp(ctx, "product.|a|", a))),
+            lambda: memo(ctx, "|b|", lambda: torch.abs(b, out=temp(ctx, "product.|b|", b))))
+
+
+def _promote_like(t: Tensor, promoted: Tensor) -> Tensor:
+    """``t`` (an operand before :func:`_promote`) shaped like its promoted form."""
+    return t.reshape(promoted.shape) if t.dim() != promoted.dim() else t
 
 
 def _parse_einsum(eq: str, operands: Sequence[Tensor]):
@@ -188,8 +203,8 @@ class AbsProduct(AbsLRP):
 
     def __call__(self, ctx, relevance):
         if self.variant == "paper" and not ctx.report:
-            s = relevance / self.denominator(ctx)
-            return self.contributions(ctx, one_pass_scale(relevance, s, _product_mass(ctx)))
+            scaled = one_pass_scale(relevance, lambda buf: _product_mass(ctx, buf), self.denominator(ctx), ctx)
+            return self.contributions(ctx, scaled)
         return super().__call__(ctx, relevance)
 
     def contributions(self, ctx, s):
@@ -202,7 +217,7 @@ class AbsProduct(AbsLRP):
         if eq is not None:
             ra, rb = einsum_contributions(eq, a, b, s, want_a, want_b)
         elif ctx.target in MATMULS:
-            ra, rb = matmul_contributions(a, b, s, want_a, want_b)
+            ra, rb = matmul_contributions(a, b, s, want_a, want_b, ctx)
         else:  # element-wise product
             z = a * b
             c = (z + z.abs()) * s
@@ -291,6 +306,11 @@ class AbsSoftmax(_CoefficientRule):
     def coefficient(self, ctx) -> Tensor:
         """The contribution per unit ``S``: ``2 |x| h`` / ``2 x h`` (paper), ``x h + |x| h_abs`` (head)."""
         x, h = ctx.inputs[0], ctx.output
+        if self.variant == "paper" and bool(torch.isfinite(x.amin())) and bool(torch.isfinite(x.amax())):
+            # no masked (-inf) scores: no guard needed (two reductions instead of a select pass)
+            buf = temp(ctx, "coefficient", x)
+            c = torch.abs(x, out=buf) if self.signs == "keep" else torch.mul(x, 1, out=buf)
+            return c.mul_(h).mul_(2)
         live = h > 0
         xs = torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))  # -inf * 0 guard
         if self.variant == "paper":
@@ -325,8 +345,7 @@ def layer_norm_params(ctx: NodeContext):
 
 def _stats(x: Tensor, n: int, eps: float):
     dims = tuple(range(x.dim() - n, x.dim()))
-    mu = x.mean(dim=dims, keepdim=True)
-    var = (x - mu).pow(2).mean(dim=dims, keepdim=True)
+    var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
     return mu, torch.sqrt(var + eps)
 
 
@@ -347,10 +366,10 @@ class AbsLayerNorm(_CoefficientRule):
         n = len(shape)
         g = w if w is not None else torch.ones(shape, dtype=x.dtype, device=x.device)
         mu, sd = _stats(x, n, eps)
-        if self.variant == "paper":
-            c = x * (g + g.abs() * torch.sign(x - mu)) / sd
+        if self.variant == "paper":  # x (g + |g| sign(x - mu)) / sd, in place on one buffer
+            c = torch.sub(x, mu, out=temp(ctx, "coefficient", x)).sign_().mul_(g.abs()).add_(g).mul_(x).div_(sd)
             if self.signs == "keep":
-                c = c.abs()
+                c = c.abs_()
         else:
             xa = x.abs()
             _, sd_abs = _stats(xa, n, eps)
@@ -601,7 +620,10 @@ extend_preset("abslrp", _abs_table("paper"))
 extend_preset("abslrp-renorm", _abs_table("head"))
 
 
-def _product_mass(ctx: NodeContext) -> Tensor:
+def _product_mass(ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
+    """The column mass of a product: the total contribution into each output, summed over the
+    activation operands (``n (h + |a| |b|)`` for a bilinear product of ``n`` activations); a matmul
+    writes it into ``out`` when given (a free buffer shaped like the output)."""
     eq, a, b = _operands(ctx)
     ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
     acts = set(_activations(ctx))
@@ -610,7 +632,11 @@ def _product_mass(ctx: NodeContext) -> Tensor:
     if eq is not None:
         habs = torch.einsum(eq, a.abs(), b.abs())
     elif ctx.target in MATMULS:
-        habs = torch.matmul(a if _nonneg(a) else a.abs(), b if _nonneg(b) else b.abs())
+        a_pos, b_pos, abs_a, abs_b = _operand_facts(a, b, ctx)
+        left, right = (a if a_pos else abs_a()), (b if b_pos else abs_b())
+        if out is not None and not torch.is_grad_enabled() and out.shape == h.shape and a.dim() > 1 and b.dim() > 1:
+            return torch.matmul(left, right, out=out).add_(h).mul_(n)
+        habs = torch.matmul(left, right)
     else:
         habs = (a * b).abs()
-    return n * (h + habs)
+    return torch.add(h, habs).mul_(n)
