@@ -6,6 +6,11 @@ divided by the time of a plain forward plus input-gradient backward of the same 
 shared machine affects both sides alike. Peak memory: CUDA's max_memory_allocated on a GPU; on
 the CPU the process's peak resident set (VmHWM, reset before each measurement).
 
+``--allocator`` (CPU): ``default`` leaves glibc's malloc as it is; ``retain`` calls
+:func:`lrpgraph.memory.retain_freed_memory` first, so that freed memory is reused instead of being
+page-faulted back in (it applies to every method of the run, the gradient too); ``both`` (the
+default) runs the benchmark once with each, in two child processes, and prints both tables.
+
     python benchmarks/bench_cnn.py --model resnet50 --batch 8 --size 224
     python benchmarks/bench_cnn.py --model vgg16 --presets abslrp lrp-epsilon --device cuda
 """
@@ -14,9 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -65,17 +71,40 @@ def gradient_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch
     return run
 
 
-def main(argv: List[str] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet50", help="timm model name (random weights)")
+def parser(model: str = "resnet50", presets: Sequence[str] = ("abslrp", "abslrp-renorm", "lrp-epsilon"),
+           doc: str = __doc__) -> argparse.ArgumentParser:
+    """The command line of this benchmark (``bench_vit.py`` uses it with ViT defaults)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=model, help="timm model name (random weights)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--presets", nargs="+", default=["abslrp", "abslrp-renorm", "lrp-epsilon"])
+    p.add_argument("--presets", nargs="+", default=list(presets))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--report", action="store_true", help="also collect the conservation report")
-    a = p.parse_args(argv)
+    p.add_argument("--allocator", choices=("default", "retain", "both"), default="both",
+                   help="CPU: glibc malloc as it is, with lrpgraph.memory.retain_freed_memory(), or both")
+    return p
+
+
+def run_allocators(script: str, argv: Sequence[str]) -> int:
+    """``--allocator both``: the benchmark once per allocator setting, each in its own process
+    (the setting is process-wide and cannot be undone)."""
+    rc = 0
+    for setting in ("default", "retain"):
+        print(f"--- allocator: {setting}", flush=True)
+        rc |= subprocess.call([sys.executable, script, *argv, "--allocator", setting])
+    return rc
+
+
+def main(argv: List[str] = None, p: argparse.ArgumentParser = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = (p or parser()).parse_args(argv)
+    if a.allocator == "both" and a.device == "cpu":
+        return run_allocators(os.path.abspath(__file__), argv)
+    if a.allocator == "retain":
+        lrpgraph.memory.retain_freed_memory()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     timm = import_timm()
@@ -104,11 +133,12 @@ def main(argv: List[str] = None) -> int:
                 peaks[name] = max(peaks.get(name, 0.0), _peak_mb(device))
     base = statistics.median(times["gradient"])
     print(f"model {a.model}, batch {a.batch}, {a.size}x{a.size}, device {device}, threads {a.threads}, "
-          f"torch {torch.__version__}, median of {a.repeats} interleaved rounds")
+          f"torch {torch.__version__}, allocator {a.allocator}, median of {a.repeats} interleaved rounds")
     print(f"{'method':<18} {'s/batch':>9} {'x gradient':>11} {'peak MB':>9}")
     for name in calls:
         med = statistics.median(times[name])
         print(f"{name:<18} {med:>9.3f} {med / base:>11.2f} {peaks.get(name, float('nan')):>9.0f}")
+    print("every round (s):", "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
     return 0
 
 

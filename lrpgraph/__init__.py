@@ -3,6 +3,7 @@
 The public face: :func:`explain`, :class:`Explainer` and its :class:`Explanation`, rule
 registration (:func:`register_rule`) and presets (:class:`Composite`, :func:`get_composite`).
 """
+from . import memory  # noqa: F401  (retain_freed_memory)
 from . import presets as _presets  # noqa: F401  (registers the built-in presets)
 from . import attention as _attention  # noqa: F401  (registers the SDPA-to-explicit-attention pass)
 from .rules import transformer as _transformer_rules  # noqa: F401  (registers the transformer rules)

@@ -85,6 +85,8 @@ class Explainer:
         self.plan = compile_plan(self.graph_module, self.composite)
         self._start_node = self._output_node(output)
         self.plan.keep.add(self._start_node)  # the logits are always kept
+        # the rules' temporary buffers, kept between calls: a second call reuses the memory
+        # instead of page-faulting it in again (about one block's temporaries stay allocated)
         self._scratch = Scratch()
 
     @property

@@ -88,27 +88,44 @@ def memo(ctx: NodeContext, key: str, fn: Callable[[], Any]) -> Any:
 
 
 class Scratch:
-    """Temporary buffers reused by the nodes of one walk, keyed by name, shape, dtype and device.
+    """Temporary buffers reused from node to node in one walk, keyed by name, shape, dtype, device.
 
     Why: the rules' temporaries are as large as a model's largest activations, and a fresh CPU
-    allocation of that size is page-faulted in on first touch (glibc hands freed memory of that
-    size back to the OS). Measured on ViT-B/16, batch 8: about 30 ms per 19 MB temporary, several
-    per block, which was a fifth of the explanation's time. The twelve blocks of a ViT share
-    shapes, so one buffer per (name, shape) serves them all.
+    allocation of that size may be page-faulted in on first touch (glibc hands freed memory of
+    that size back to the OS). Measured on ViT-B/16, batch 8: up to 30 ms per 19 MB temporary,
+    several per block. The blocks of a ViT (the stages of a ResNet) share shapes, so one buffer per
+    (name, shape) serves them all. A buffer that no rule asked for during the last ``window``
+    nodes is dropped, so that the shapes of a finished ResNet stage do not stay in memory.
 
     A buffer is valid only while the rule that asked for it runs: it must never be returned as
     relevance, kept, or used under another name at the same time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = 64) -> None:
+        self.window = window
         self._bufs: dict = {}
+        self._last: dict = {}
+        self._step = 0
 
     def get(self, key: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         k = (key, tuple(shape), dtype, device)
         buf = self._bufs.get(k)
         if buf is None:
             buf = self._bufs[k] = torch.empty(tuple(shape), dtype=dtype, device=device)
+        self._last[k] = self._step
         return buf
+
+    def step(self) -> None:
+        """Called by the walker once per node: drops buffers unused for ``window`` nodes."""
+        self._step += 1
+        if self._step % 16 == 0:
+            for k in [k for k, t in self._last.items() if self._step - t > self.window]:
+                del self._bufs[k], self._last[k]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the buffers."""
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
 def temp(ctx: Optional[NodeContext], key: str, like: Tensor, shape: Optional[Sequence[int]] = None) -> Optional[Tensor]:

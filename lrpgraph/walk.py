@@ -57,7 +57,8 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
 
     Returns ``{"inputs": [relevance per placeholder], "balance": [NodeBalance], "absorbed":
     {node name: relevance}, "kept": {node name: relevance}}``. ``keep`` names nodes whose
-    incoming relevance is returned as well (latent relevance, debugging).
+    incoming relevance is returned as well (latent relevance, debugging). ``scratch`` holds the
+    rules' temporary buffers (a new one if not given; an Explainer passes its own, kept between calls).
     """
     B = rec.batch_size
     rel: Dict[fx.Node, Relevance] = {start_node: start}
@@ -66,7 +67,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
     kept: Dict[str, Relevance] = {}
     absorbed: Dict[str, Relevance] = {}
     placeholders = set(plan.placeholders)
-    scratch = scratch if scratch is not None else Scratch()  # the rules' temporaries, reused node to node
+    scratch = scratch if scratch is not None else Scratch()  # the rules' temporaries, node to node
     for node in reversed(plan.nodes):
         r = rel.pop(node, None)
         if r is None:
@@ -87,6 +88,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                                     note=f"absorbed by {what}"))
             absorbed[node.name] = r
             continue
+        scratch.step()
         ctx = _context(plan, rec, node, rule, report, scratch)
         # hand the relevance over when nothing else refers to it (not the report, not `keep`, not
         # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it
