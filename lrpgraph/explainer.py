@@ -11,7 +11,7 @@ from torch import Tensor, fx, nn
 
 from .canonize import fold_batchnorm
 from .passes import normalise
-from .record import NoRuleError, compile_plan, record
+from .record import NoRuleError, batch_axes, compile_plan, record
 from .registry import Composite, get_composite
 from .report import ConservationReport, NodeBalance
 from .rule import Scratch, describe_target
@@ -88,6 +88,7 @@ class Explainer:
         # the rules' temporary buffers, kept between calls: a second call reuses the memory
         # instead of page-faulting it in again (about one block's temporaries stay allocated)
         self._scratch = Scratch()
+        self._axes: dict = {}  # input signature -> batch axis per node (for the report)
 
     @property
     def preset(self) -> str:
@@ -175,7 +176,8 @@ class Explainer:
             start = self.composite.start.init(logits, tgt, contrastive)
             finish = self.composite.start.finish
         with torch.no_grad():  # explicit tensor maths only: no autograd graph is built
-            res = walk(self.plan, rec, self._start_node, start, report=report, scratch=self._scratch,
+            axes = self._batch_axes([x, *extra_inputs], rec) if report else None
+            res = walk(self.plan, rec, self._start_node, start, report=report, scratch=self._scratch, axes=axes,
                        keep=set(keep) if keep is not None else None)
         r_in = res["inputs"][0]
         if r_in is None:
@@ -189,6 +191,13 @@ class Explainer:
         return Explanation(relevance=rel, logits=logits, target=tgt, preset=self.preset,
                            latent=res["kept"], absorbed=res["absorbed"], _rows=res["balance"],
                            sign_split=self.composite.start.name == "signed")
+
+    def _batch_axes(self, inputs: List[Any], rec) -> Optional[dict]:
+        """The batch axis of every node for the report, probed once per input signature."""
+        sig = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else type(v) for v in inputs)
+        if sig not in self._axes:
+            self._axes[sig] = batch_axes(self.plan, inputs, rec)
+        return self._axes[sig]
 
     def _forward_error(self, x: Tensor, exc: Exception) -> str:
         return (f"the model's forward failed on an input of shape {tuple(x.shape)}, dtype {x.dtype}, "

@@ -221,3 +221,62 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def batch_axes(plan: Plan, inputs: List[Any], rec: Recording) -> Optional[Dict[fx.Node, Any]]:
+    """For every tensor node: the axis of its value that holds the batch (``None`` if none), a
+    tuple of such for tuple values. ``None`` when the probe cannot run (the report then guesses).
+
+    Why: the conservation report sums relevance per sample, and a guess by size fails wherever
+    another axis has the batch's size (timm's qkv tensor ``(3, B, H, N, d)`` at batch 3). The
+    probe re-runs the graph on fake tensors (no memory, no compute) with a batch size that no
+    recorded axis has; the axes that follow it are the batch axes.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    batch = rec.batch_size
+    sizes = set()
+    for shp in rec.shapes.values():
+        for s in (shp if _multi(shp) else (shp,)):
+            sizes.update(int(d) for d in (s or ()))
+    probe = batch + 1
+    while probe in sizes:
+        probe += 1
+    env: Dict[fx.Node, Any] = {}
+    it = iter(inputs)
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            for node in plan.nodes:
+                if node.op == "placeholder":
+                    v = next(it, None)
+                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch:
+                        v = torch.empty((probe,) + tuple(v.shape[1:]), dtype=v.dtype, device=v.device)
+                    env[node] = v
+                elif node.op == "get_attr":
+                    env[node] = _fetch_attr(plan.gm, node.target)
+                elif node.op == "output":
+                    break
+                else:
+                    env[node] = _run(plan, node, env)
+    except Exception:  # data-dependent shapes, ops without fake support: fall back to the guess
+        return None
+
+    def axis(real, fake) -> Optional[int]:
+        hits = [d for d, (r, f) in enumerate(zip(real, fake)) if r == batch and f == probe]
+        return hits[0] if len(hits) == 1 else None
+
+    out: Dict[fx.Node, Any] = {}
+    for node, shp in rec.shapes.items():
+        fake = _shape_of(env.get(node))
+        if fake is None:
+            continue
+        if _multi(shp):
+            out[node] = tuple(axis(r, f) if r is not None and f is not None else None for r, f in zip(shp, fake))
+        else:
+            out[node] = axis(shp, fake)
+    return out
+
+
+def _multi(shape: Any) -> bool:
+    """A recorded shape of a tuple value (a tuple of shapes), not a tensor's ``torch.Size``."""
+    return isinstance(shape, tuple) and not isinstance(shape, torch.Size)

@@ -32,7 +32,12 @@ from .rule import Split
 TINY = 1e-30
 
 
-def _batch_dim(t: Tensor, batch: int) -> Optional[int]:
+def _batch_dim(t: Tensor, batch: int, axis: Optional[int] = None) -> Optional[int]:
+    """The batch dim of a ``(K, ...)`` relevance tensor: ``axis + 1`` when the node's batch axis is
+    known (:func:`lrpgraph.record.batch_axes`), else a guess by size: dim 1, else the first dim of
+    size ``batch`` (relevance kept per sample for a parameter sits at dim 1)."""
+    if axis is not None and t.dim() > axis + 1 and t.shape[axis + 1] == batch:
+        return axis + 1
     if t.dim() >= 2 and t.shape[1] == batch:
         return 1
     for d in range(2, t.dim()):
@@ -41,11 +46,12 @@ def _batch_dim(t: Tensor, batch: int) -> Optional[int]:
     return None
 
 
-def stats(t: Optional[Tensor], batch: int):
-    """(sum, pos, neg) per (k, sample) of a ``(K, B, ...)`` tensor; ``None`` gives zeros later."""
+def stats(t: Optional[Tensor], batch: int, axis: Optional[int] = None):
+    """(sum, pos, neg) per (k, sample) of a ``(K, B, ...)`` tensor; ``None`` gives zeros later.
+    ``axis``: the batch axis of the node's value, if known."""
     if t is None:
         return None
-    d = _batch_dim(t, batch)
+    d = _batch_dim(t, batch, axis)
     if d is None:  # no batch axis (should not happen for activations): spread the total evenly
         tot = lambda x: (x.reshape(x.shape[0], -1).sum(1, keepdim=True) / batch).expand(-1, batch)  # noqa: E731
         return tot(t), tot(t.clamp(min=0)), tot(t.clamp(max=0))
@@ -65,17 +71,17 @@ def _acc(parts):
     return s, p, n
 
 
-def relevance_stats(r, batch: int):
-    """Stats of a relevance entry: a tensor, a :class:`Split`, or a list (tuple-valued node)."""
+def relevance_stats(r, batch: int, axis=None):
+    """Stats of a relevance entry: a tensor, a :class:`Split`, or a list (tuple-valued node, with
+    a tuple of batch axes)."""
     if r is None:
         return None
     if isinstance(r, Split):
-        ps = stats(r.pos, batch)
-        ns = stats(r.neg, batch)
-        return _acc([ps, ns])
+        return _acc([stats(r.pos, batch, axis), stats(r.neg, batch, axis)])
     if isinstance(r, (list, tuple)):
-        return _acc([relevance_stats(e, batch) for e in r])
-    return stats(r, batch)
+        axes = axis if isinstance(axis, tuple) else (None,) * len(r)
+        return _acc([relevance_stats(e, batch, a) for e, a in zip(r, axes)])
+    return stats(r, batch, axis if not isinstance(axis, tuple) else None)
 
 
 @dataclass
@@ -124,16 +130,20 @@ class NodeBalance:
 
 
 def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
-            note: str = "", delivered_pos: Optional[Tensor] = None) -> NodeBalance:
-    """Build a row from a node's incoming relevance and its rule's per-slot output."""
-    s_in = relevance_stats(r_in, batch)
-    s_out = _acc([relevance_stats(o, batch) for o in (outs or [])])
+            note: str = "", delivered_pos: Optional[Tensor] = None, axis=None,
+            out_axes: Optional[Sequence] = None) -> NodeBalance:
+    """Build a row from a node's incoming relevance and its rule's per-slot output (``axis`` and
+    ``out_axes``: the batch axes of the node's value and of each slot's, if known)."""
+    by_design = outs is None  # absorbed on purpose (parameters, constants)
+    s_in = relevance_stats(r_in, batch, axis)
+    outs = list(outs or [])
+    out_axes = list(out_axes) if out_axes is not None else [None] * len(outs)
+    s_out = _acc([relevance_stats(o, batch, a) for o, a in zip(outs, out_axes)])
     zero = torch.zeros_like(s_in[0])
     if s_out is None:
         s_out = (zero, zero, zero)
     cancelled = zero if delivered_pos is None else (delivered_pos - s_in[1]).clamp(min=0)
     cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
-    by_design = outs is None
     return NodeBalance(name, op, rule, *(cpu(t) for t in s_in), *(cpu(t) for t in s_out),
                        cpu(cancelled), note=note, by_design=by_design)
 

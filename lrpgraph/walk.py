@@ -52,13 +52,16 @@ def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool
 
 
 def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
-         report: bool = True, keep: Optional[set] = None, scratch: Optional[Scratch] = None) -> Dict[str, Any]:
+         report: bool = True, keep: Optional[set] = None, scratch: Optional[Scratch] = None,
+         axes: Optional[Dict[fx.Node, Any]] = None) -> Dict[str, Any]:
     """Propagate ``start`` (``(K, *start_node_shape)``) from ``start_node`` to the inputs.
 
     Returns ``{"inputs": [relevance per placeholder], "balance": [NodeBalance], "absorbed":
     {node name: relevance}, "kept": {node name: relevance}}``. ``keep`` names nodes whose
     incoming relevance is returned as well (latent relevance, debugging). ``scratch`` holds the
     rules' temporary buffers (a new one if not given; an Explainer passes its own, kept between calls).
+    ``axes``: the batch axis of every node's value (:func:`~lrpgraph.record.batch_axes`), which the
+    report uses to sum per sample; without it the report guesses by size.
     """
     B = rec.batch_size
     rel: Dict[fx.Node, Relevance] = {start_node: start}
@@ -68,6 +71,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
     absorbed: Dict[str, Relevance] = {}
     placeholders = set(plan.placeholders)
     scratch = scratch if scratch is not None else Scratch()  # the rules' temporaries, node to node
+    axes = axes or {}
     for node in reversed(plan.nodes):
         r = rel.pop(node, None)
         if r is None:
@@ -85,7 +89,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             what = "a parameter" if node.op == "get_attr" else "a constant (independent of the input)"
             if report:
                 rows.append(balance(node.name, node.op, "absorbed", r, None, B,
-                                    note=f"absorbed by {what}"))
+                                    note=f"absorbed by {what}", axis=axes.get(node)))
             absorbed[node.name] = r
             continue
         scratch.step()
@@ -109,14 +113,15 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         if report:
             rows.append(balance(node.name, describe_target(node.op, node.target, ctx.module),
                                 rule.name, r, out, B, delivered_pos=delivered.pop(node, None),
-                                note="renormalised to unit mass after this row" if rule.renormalise else ""))
+                                note="renormalised to unit mass after this row" if rule.renormalise else "",
+                                axis=axes.get(node), out_axes=[axes.get(s) for s in slots]))
         for s, o in zip(slots, out):
             if o is None:
                 continue
             if report and isinstance(o, (Tensor, Split)):
                 pos = o.pos if isinstance(o, Split) else o
                 if pos is not None:
-                    delivered[s] = delivered.get(s, 0) + stats(pos, B)[1]
+                    delivered[s] = delivered.get(s, 0) + stats(pos, B, _plain(axes.get(s)))[1]
             if isinstance(o, Split):
                 o = o.total()
             if rule.renormalise and isinstance(o, Tensor):
@@ -126,6 +131,10 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         out = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
     inputs = [rel.pop(p, None) for p in plan.placeholders]
     return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept}
+
+
+def _plain(axis: Any) -> Optional[int]:
+    return axis if isinstance(axis, int) else None
 
 
 def _fit(o: Relevance, ctx: NodeContext, i: int, rule: Rule) -> Relevance:

@@ -71,7 +71,7 @@ class SDPAModel(nn.Module):
 @pytest.mark.parametrize("mode", ["plain", "causal", "bool", "float"])
 def test_sdpa_rewrite_is_explicit_and_exact(mode):
     m = SDPAModel(mode).eval().double()
-    x = torch.randn(2, 5, 8, dtype=torch.float64)  # B=3 would collide with the qkv axis in the report's batch-dim guess
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
     ex = lrpgraph.Explainer(m)
     targets = [n.target for n in ex.graph_module.graph.nodes if n.op == "call_function"]
     assert F.scaled_dot_product_attention not in targets
@@ -83,6 +83,26 @@ def test_sdpa_rewrite_is_explicit_and_exact(mode):
     e = ex(x)
     assert e.relevance.shape == x.shape and torch.isfinite(e.relevance).all()
     assert e.conservation().leaks(1e-5) == []
+
+
+@pytest.mark.parametrize("batch", [3, 4])
+def test_report_finds_the_batch_axis_when_another_axis_has_its_size(batch):
+    """At batch 3 the qkv tensor is (3, B, H, N, d) = (3, 3, ...): the report must sum per sample
+    over dim 1 there, not over the qkv axis (a size guess did), and show every node conserved."""
+    m = SDPAModel("plain").eval().double()
+    x = torch.randn(batch, 5, 8, dtype=torch.float64)
+    ex = lrpgraph.Explainer(m)
+    e = ex(x, contrastive=False)  # a one-signed start: per-sample sums are exact checks
+    rep = e.conservation()
+    assert rep.max_rel_error(masses=True) < 1e-9, rep.table()
+    # per sample: the relevance that reached the input equals what started at the logits
+    start = {r.name: r for r in rep}[ex._start_node.name]
+    torch.testing.assert_close(start.in_sum[0], e.relevance.sum(dim=(1, 2)), rtol=1e-9, atol=1e-12)
+    axes = next(iter(ex._axes.values()))
+    permute = [n for n in ex.plan.nodes if n.op == "call_method" and n.target == "permute"]
+    assert permute and all(axes[n] == 1 for n in permute)
+    unbind = [n for n in ex.plan.nodes if n.op == "call_method" and n.target == "unbind"]
+    assert unbind and all(axes[n] == (0, 0, 0) for n in unbind)
 
 
 def test_sdpa_with_dropout_is_refused():
