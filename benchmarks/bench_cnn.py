@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -98,7 +98,7 @@ def run_allocators(script: str, argv: Sequence[str]) -> int:
     return rc
 
 
-def main(argv: List[str] = None, p: argparse.ArgumentParser = None) -> int:
+def main(argv: Optional[List[str]] = None, p: Optional[argparse.ArgumentParser] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = (p or parser()).parse_args(argv)
     if a.allocator == "both" and a.device == "cpu":

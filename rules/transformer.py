@@ -41,7 +41,7 @@ from __future__ import annotations
 import operator
 import string
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -178,7 +178,7 @@ def einsum_contributions(eq: str, a: Tensor, b: Tensor, s: Tensor, want_a=True, 
 
 
 def _operands(ctx: NodeContext):
-    """(eq or None, slot of a, slot of b, a, b) of a two-operand product node."""
+    """(einsum equation or None, a, b) of a two-operand product node."""
     if ctx.target is torch.einsum:
         eq = ctx.args[0]
         ops = ctx.args[1] if len(ctx.args) == 2 and isinstance(ctx.args[1], (list, tuple)) else ctx.args[1:]
@@ -196,6 +196,34 @@ def _slot_of(ctx: NodeContext, value) -> Optional[int]:
     return None
 
 
+class _Product(NamedTuple):
+    """The operands of a product node and which of them take relevance (activations, not weights)."""
+
+    eq: Optional[str]
+    a: Any
+    b: Any
+    ia: Optional[int]
+    ib: Optional[int]
+    want_a: bool
+    want_b: bool
+
+    def place(self, ctx: NodeContext, ra: Optional[Tensor], rb: Optional[Tensor]) -> List[Optional[Tensor]]:
+        """The per-slot relevance list (summed when both operands are the same slot: ``x * x``)."""
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        if self.want_a:
+            out[self.ia] = ra
+        if self.want_b:
+            out[self.ib] = rb if self.ib != self.ia else out[self.ib] + rb
+        return out
+
+
+def _product(ctx: NodeContext) -> _Product:
+    eq, a, b = _operands(ctx)
+    ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
+    acts = set(_activations(ctx))
+    return _Product(eq, a, b, ia, ib, ia in acts, ib in acts)
+
+
 class AbsProduct(AbsLRP):
     """absLRP for ``matmul``/``bmm``/``einsum``/``a * b`` with one or two activation operands."""
 
@@ -208,10 +236,8 @@ class AbsProduct(AbsLRP):
         return super().__call__(ctx, relevance)
 
     def contributions(self, ctx, s):
-        eq, a, b = _operands(ctx)
-        ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
-        acts = set(_activations(ctx))
-        want_a, want_b = ia in acts, ib in acts
+        p = _product(ctx)
+        eq, a, b, want_a, want_b = p.eq, p.a, p.b, p.want_a, p.want_b
         if not isinstance(a, Tensor) or not isinstance(b, Tensor):
             raise NotImplementedError(f"{ctx.describe()}: expected two tensor operands")
         if eq is not None:
@@ -222,12 +248,7 @@ class AbsProduct(AbsLRP):
             z = a * b
             c = (z + z.abs()) * s
             ra, rb = (c if want_a else None), (c if want_b else None)
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        if want_a:
-            out[ia] = ra
-        if want_b:
-            out[ib] = rb if ib != ia else out[ib] + rb
-        return out
+        return p.place(ctx, ra, rb)
 
 
 class AbsMul(AbsLRP):
@@ -480,10 +501,8 @@ class ProductEpsilon(Rule):
         return f"product-epsilon({self.epsilon:g})"
 
     def __call__(self, ctx, relevance):
-        eq, a, b = _operands(ctx)
-        ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
-        acts = set(_activations(ctx))
-        want_a, want_b = ia in acts, ib in acts
+        p = _product(ctx)
+        eq, a, b, want_a, want_b = p.eq, p.a, p.b, p.want_a, p.want_b
         share = 0.5 if (want_a and want_b) else 1.0
         s = relevance / stabilise(ctx.output, self.epsilon or GUARD) * share
         if eq is not None:
@@ -504,12 +523,7 @@ class ProductEpsilon(Rule):
             z = (a * b) if isinstance(a, Tensor) and isinstance(b, Tensor) else ctx.output
             ra = z * s if want_a else None
             rb = z * s if want_b else None
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        if want_a:
-            out[ia] = ra
-        if want_b:
-            out[ib] = rb if ib != ia else out[ib] + rb
-        return out
+        return p.place(ctx, ra, rb)
 
 
 class ClassicMul(Rule):
@@ -624,10 +638,9 @@ def _product_mass(ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
     """The column mass of a product: the total contribution into each output, summed over the
     activation operands (``n (h + |a| |b|)`` for a bilinear product of ``n`` activations); a matmul
     writes it into ``out`` when given (a free buffer shaped like the output)."""
-    eq, a, b = _operands(ctx)
-    ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
-    acts = set(_activations(ctx))
-    n = int(ia in acts) + int(ib in acts)
+    p = _product(ctx)
+    eq, a, b = p.eq, p.a, p.b
+    n = int(p.want_a) + int(p.want_b)
     h = ctx.output
     if eq is not None:
         habs = torch.einsum(eq, a.abs(), b.abs())
