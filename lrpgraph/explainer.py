@@ -200,6 +200,8 @@ class Explainer:
         """The batch axis of every node for the report, probed once per input signature."""
         sig = tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else type(v) for v in inputs)
         if sig not in self._axes:
+            if len(self._axes) >= 16:  # bounded: text inputs come in many lengths
+                del self._axes[next(iter(self._axes))]
             self._axes[sig] = batch_axes(self.plan, inputs, rec)
         return self._axes[sig]
 
