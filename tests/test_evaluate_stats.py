@@ -61,3 +61,35 @@ def test_mean_over_seeds_and_summary():
     assert r.mean == 1.0 and 0.0 <= r.low <= 1.0 <= r.high <= 2.0
     with pytest.raises(ValueError, match="differ"):
         mean_over_seeds([a, _gae([1.0, 2.0])])
+
+
+def test_cli_reports_srg_intervals_and_seed_means(tmp_path, monkeypatch):
+    import csv
+    import sys
+    import types
+
+    import lrpgraph
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 4)).eval()
+    fake = types.ModuleType("lrpgraph.zoo")
+    fake.load = lambda name: model
+    fake.load_samples = lambda n: (torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
+                                   torch.arange(n) % 4)
+    monkeypatch.setitem(sys.modules, "lrpgraph.zoo", fake)
+    monkeypatch.setattr(lrpgraph, "zoo", fake, raising=False)
+    from lrpgraph.evaluate.cli import main
+    assert main(["--models", "tiny", "--methods", "gradient", "--metrics", "gae", "srg", "--n", "16",
+                 "--seeds", "0", "1", "--gae-steps", "3", "--srg-patch", "2", "--n-boot", "200",
+                 "--out", str(tmp_path), "--quiet", "--no-plot"]) == 0
+    row = next(csv.DictReader(open(tmp_path / "evaluation.csv")))
+    per_seed = [float(v) for v in row["gae_seeds"].split(" / ")]
+    assert len(per_seed) == 2 and abs(float(row["gae"]) - sum(per_seed) / 2) < 2e-3   # mean of the seeds
+    for c in ("gae", "srg", "faithfulness"):
+        assert float(row[f"{c}_lo"]) <= float(row[c]) <= float(row[f"{c}_hi"])
+    md = (tmp_path / "evaluation.md").read_text()
+    assert f"{float(row['srg']):.3f} [{float(row['srg_lo']):.3f}, {float(row['srg_hi']):.3f}]" in md
+    assert "GAE per seed" in md and "95 % percentile bootstrap" in md
+    s = torch.load(tmp_path / "evaluation_samples.pt")["tiny"]["gradient"]
+    assert s["gae_per_seed"].shape == (2, 4) and s["srg"].shape == (16,)
