@@ -284,10 +284,9 @@ class GAE:
             logits.append(a.detach())
             rsum += r
             if t < T:
-                k = (t * D) // T
+                k = masked_count(t, T, D)
                 flat = r.flatten(1)
-                idx = torch.cat([trajectory_order(flat[:M], True)[:, :k],
-                                 trajectory_order(flat[M:], False)[:, :k]])
+                idx = torch.cat([select_masked(flat[:M], k, True), select_masked(flat[M:], k, False)])
                 cur = cur.flatten(1).scatter(1, idx, self.mask_value).view_as(cur)
         inputs_t = torch.stack(inputs, 1)                               # (2M, T, C, H, W)
         logits_t = torch.stack(logits, 1)                               # (2M, T)
@@ -335,11 +334,18 @@ class GAE:
 # building blocks (public for tests and for users who want to look at them)
 
 
-def trajectory_order(r: Tensor, descending: bool) -> Tensor:
-    """The order in which a trajectory masks the entries of each row of ``r`` ``(B, D)``: by the
-    score in float64, ties by entry index (a stable sort), so exact ties never depend on the sort
-    algorithm or the device."""
-    return torch.argsort(r.double(), dim=1, descending=descending, stable=True)
+def masked_count(t: int, T: int, D: int) -> int:
+    """Entries masked after step ``t`` of ``T``: ``floor(t * D / T)`` in integers, so step 5 of 10
+    masks exactly half. (The reference computes ``int(float32(t / T) * D)``, one entry fewer at
+    some steps; see docs/evaluation.md.)"""
+    return (t * D) // T
+
+
+def select_masked(r: Tensor, k: int, descending: bool) -> Tensor:
+    """Indices ``(B, k)`` of the ``k`` largest (MoRF) or smallest (LeRF) entries of each row of
+    ``r`` ``(B, D)``: ranked by the score in float64, ties by entry index (a stable sort), so exact
+    ties never depend on the sort algorithm or the device."""
+    return torch.argsort(r.double(), dim=1, descending=descending, stable=True)[:, :k]
 
 
 def make_mosaic(x: Tensor) -> Tensor:
