@@ -93,3 +93,10 @@ def test_cli_reports_srg_intervals_and_seed_means(tmp_path, monkeypatch):
     assert "GAE per seed" in md and "95 % percentile bootstrap" in md
     s = torch.load(tmp_path / "evaluation_samples.pt")["tiny"]["gradient"]
     assert s["gae_per_seed"].shape == (2, 4) and s["srg"].shape == (16,)
+
+
+@pytest.mark.parametrize("arg", [["--ci-level", "1.5"], ["--n-boot", "0"], ["--srg-patch", "0"], ["--srg-steps", "0"]])
+def test_cli_rejects_bad_interval_and_srg_arguments(arg, capsys):
+    from lrpgraph.evaluate.cli import main
+    assert main(["--models", "vgg"] + arg) == 2
+    assert arg[0] in capsys.readouterr().err

@@ -330,6 +330,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 4 or args.batch_size % 4:
         print("lrpgraph evaluate: --batch-size must be a positive multiple of 4", file=sys.stderr)
         return 2
+    bad = [f"{name} {v}" for name, v, ok in [("--ci-level", args.ci_level, 0 < args.ci_level < 1),
+                                              ("--n-boot", args.n_boot, args.n_boot >= 1),
+                                              ("--srg-patch", args.srg_patch, args.srg_patch >= 1),
+                                              ("--srg-steps", args.srg_steps, args.srg_steps >= 1)] if not ok]
+    if bad:
+        print(f"lrpgraph evaluate: {', '.join(bad)} out of range (--ci-level in (0, 1), the others >= 1)",
+              file=sys.stderr)
+        return 2
     if args.n < 4:
         print("lrpgraph evaluate: --n must be at least 4 (one GAE mosaic)", file=sys.stderr)
         return 2

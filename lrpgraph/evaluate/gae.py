@@ -1,6 +1,6 @@
 """GAE, the Global Attribution Evaluation of Vukadin et al. (2024), as the authors' current code
-computes it (``abslrp_gae/gae/gae.py`` with fix ``2754310``; spec section 4), with its two known
-defects fixed:
+computes it (``abslrp_gae/gae/gae.py`` with fix ``2754310``), with its two known defects fixed
+(docs/evaluation.md lists every difference with its measured effect):
 
 * every mosaic is four *consecutive* images (``x[4m:4m+4]`` -> TL, TR, BL, BR) at any batch size
   that is a multiple of 4 (the reference builds mosaics from chunked indices but samples the
@@ -16,8 +16,10 @@ Per mosaic ``m`` (images ``4m..4m+3``), with ``T = num_masking_steps``:
 2. gradient-guided MoRF and LeRF trajectories on ``x+``: at step ``t`` the map
    ``r_t = |x(t-1) * d|logit_y+|/dx|`` (sum to one) of the *current* input selects the
    ``floor(t/T * D)`` largest (MoRF) / smallest (LeRF) entries of ``r_t``, set to ``mask_value``
-   (``D`` = C*H*W; channels independently). Selecting from the current map means MoRF skips
-   entries already masked (it saturates after ~4 steps) and LeRF re-selects them;
+   (``D`` = C*H*W; channels independently; ranked in float64, ties by index). Selecting from the
+   current map means MoRF skips entries already masked (it saturates after ~4 steps) and LeRF
+   re-selects them. These passes run in their own fixed batch (``plan_batch_size``), so the
+   trajectories do not depend on ``batch_size`` or ``explain_batch_size``;
 3. faithfulness ``F = sum(CIM * rho+) / sum(rho+)`` with the combined impact map
    ``CIM = sign(norm1(sum_t r_t^LeRF) - norm1(sum_t r_t^MoRF))``;
 4. robustness ``Rb = 1 - 2 d(dr, do)`` over the ``T-1`` masked inputs with the dice distance
@@ -105,9 +107,7 @@ class GAE:
         num_masking_steps: ``T``, steps of each masking trajectory (``T - 1`` masked inputs are
             explained per trajectory); the reference uses 10.
         seed: seeds the positive-quadrant sampling, so two runs give the same numbers.
-        batch_size: images per chunk (a multiple of 4); also the batch of the plain forwards and
-            of each trajectory step (MoRF and LeRF of ``batch_size / 2`` positives). A chunk's
-            explanations are ``5 * batch_size`` inputs (positive, mosaic and ``2 (T-1)`` masked
+        batch_size: images per scoring chunk (a multiple of 4). A chunk's explanations are ``5 * batch_size`` inputs (positive, mosaic and ``2 (T-1)`` masked
             inputs per mosaic at T = 10), split by ``explain_batch_size``.
         explain_batch_size: the most inputs passed to ``explain`` at once (``None``: a whole chunk).
         plan_batch_size: the batch of every method-independent pass (forwards of the images and
