@@ -303,7 +303,8 @@ class SRG(ABPC):
     ``SRG = AUC(LeRF) - AUC(MoRF)``. It is the sum of the paper's most- and least-relevant gains
     against a random ranking (``(AUC(random) - AUC(MoRF)) + (AUC(LeRF) - AUC(random))``), so
     the random curve cancels and a random map scores 0 in expectation. The area is in logit units
-    (the x-axis is a fraction, so it does not grow with ``steps``).
+    (the x-axis is a fraction, so it does not grow with ``steps``). When ``patch_size`` does not
+    divide the image, edge patches are smaller and the x-axis counts patches, not pixels.
 
     Defaults: ``unit="patch"``, ``patch_size=16`` (a 14 x 14 grid on 224-pixel images; use a size
     that gives a grid of comparable resolution on other images), ``baseline="dataset-mean"``
