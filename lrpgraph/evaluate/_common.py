@@ -8,10 +8,13 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Callable, Dict, Iterator, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stats import Interval
 
 #: an attribution method: ``(model, x, target) -> map shaped like x``
 ExplainFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -46,6 +49,12 @@ class MetricResult:
     def aggregate(self) -> Dict[str, float]:
         """Mean over samples of every per-sample score (NaN-free inputs give NaN-free means)."""
         return {k: float(v.float().mean()) for k, v in self.per_sample().items()}
+
+    def summary(self, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> Dict[str, "Interval"]:
+        """Mean and percentile-bootstrap confidence interval over samples of every per-sample score
+        (``{name: Interval(mean, low, high)}``; see :mod:`lrpgraph.evaluate.stats`)."""
+        from .stats import summarize
+        return summarize(self, level=level, n_boot=n_boot, seed=seed)
 
 
 _NOT_SCORES = {"positive", "x", "target", "steps"}

@@ -5,8 +5,9 @@ Example::
 
     lrpgraph evaluate --models vgg resnet vit --methods all --metrics gae abpc --n 256 --out results/
 
-Models come from ``lrpgraph.zoo.load(name)`` and images from ``lrpgraph.zoo.load_samples(n)``. A
-method that fails on a model (e.g. a preset without rules for one of its ops) is reported as n/a
+Models come from ``lrpgraph.zoo.load(name)`` and images from ``lrpgraph.zoo.load_samples(n)``.
+Every score is reported as its mean with a percentile-bootstrap confidence interval over mosaics
+(GAE) or images (ABPC, SRG); with ``--seeds`` GAE is run once per seed and averaged. A method that fails on a model (e.g. a preset without rules for one of its ops) is reported as n/a
 with the reason; the run goes on.
 """
 from __future__ import annotations
@@ -25,13 +26,17 @@ from torch import Tensor
 
 from .gae import GAE
 from .methods import ALIASES, get_method, method_names
-from .perturbation import ABPC
+from .perturbation import ABPC, SRG
+from .stats import mean_over_seeds, summarize
 
 GAE_COLS = ["gae", "gae_median", "local_consistency", "faithfulness", "robustness", "contrastiveness"]
 ABPC_COLS = ["abpc", "morf_auc", "lerf_auc"]
+SRG_COLS = ["srg", "srg_morf_auc", "srg_lerf_auc"]
+CI_COLS = ["gae", "abpc", "srg"]                 # shown with their interval in the Markdown table
 SHORT = {"gae": "GAE", "gae_median": "GAE med", "local_consistency": "LC", "faithfulness": "F", "robustness": "Rb",
          "contrastiveness": "C", "abpc": "ABPC", "morf_auc": "MoRF AUC", "lerf_auc": "LeRF AUC",
-         "gae_s": "GAE s", "abpc_s": "ABPC s"}
+         "gae_s": "GAE s", "abpc_s": "ABPC s", "srg": "SRG", "srg_morf_auc": "SRG MoRF AUC",
+         "srg_lerf_auc": "SRG LeRF AUC", "srg_s": "SRG s", "gae_seeds": "GAE per seed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,17 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["all"],
                    help=f"attribution methods, or 'all' (= {' '.join(method_names())}), "
                         f"'presets', 'baselines'; aliases: {', '.join(sorted(ALIASES))}")
-    p.add_argument("--metrics", nargs="+", default=["gae", "abpc"], choices=["gae", "abpc"])
+    p.add_argument("--metrics", nargs="+", default=["gae", "abpc"], choices=["gae", "abpc", "srg"])
     p.add_argument("--n", type=int, default=256, help="number of bundled images (GAE: rounded down to a multiple of 4)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--batch-size", type=int, default=32, help="images per chunk (multiple of 4)")
     p.add_argument("--seed", type=int, default=0, help="seeds GAE's positive sampling, SmoothGrad and random")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="GAE seeds to average over (default: --seed only); each draws other positives")
+    p.add_argument("--ci-level", type=float, default=0.95, help="confidence level of the bootstrap intervals")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval")
     p.add_argument("--gae-steps", type=int, default=10, help="GAE masking steps T")
     p.add_argument("--abpc-unit", default="pixel", choices=["element", "pixel", "patch"])
     p.add_argument("--abpc-patch", type=int, default=4, help="patch size for --abpc-unit patch")
     p.add_argument("--abpc-steps", type=int, default=10, help="ABPC perturbation steps (0%% point included)")
     p.add_argument("--abpc-baseline", default="0", help="a number, 'mean' or 'black'")
     p.add_argument("--abpc-score", default="logit", choices=["logit", "probability"])
+    p.add_argument("--srg-patch", type=int, default=4,
+                   help="SRG patch size (4: an 8x8 grid on the 32x32 bundled images)")
+    p.add_argument("--srg-steps", type=int, default=100, help="SRG perturbation steps (capped at the patch count)")
+    p.add_argument("--srg-baseline", default="dataset-mean",
+                   help="SRG fill: 'dataset-mean' (per-channel mean over the --n images) or a number")
     p.add_argument("--ig-steps", type=int, default=16,
                    help="integrated gradients: interpolation steps (small: GAE explains 5 inputs per image)")
     p.add_argument("--sg-n", type=int, default=8, help="SmoothGrad: noisy samples (small, as --ig-steps)")
@@ -111,6 +125,20 @@ def _samples(zoo, n: int, device) -> Tuple[Tensor, Tensor]:
     return x[:n].to(device).float(), torch.as_tensor(y[:n]).to(device).long()
 
 
+def _number(v: str):
+    """A CLI value as a float when it is one, else the string."""
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def _put(row: Dict[str, object], summary) -> None:
+    """Means and interval bounds (``<score>_lo``, ``<score>_hi``) into a table row."""
+    for k, iv in summary.items():
+        row[k], row[f"{k}_lo"], row[f"{k}_hi"] = iv.mean, iv.low, iv.high
+
+
 def run(args, samples: Optional[dict] = None) -> List[Dict[str, object]]:
     """Evaluate; returns one row per (model, method). Per-sample scores go into ``samples``
     (``{model: {method: {score: tensor}}}``) when a dict is given."""
@@ -127,47 +155,59 @@ def run(args, samples: Optional[dict] = None) -> List[Dict[str, object]]:
             pred = torch.cat([model(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]).argmax(1)
         acc = float((pred == y).float().mean())
         print(f"[{mname}] {len(x)} images, accuracy {acc:.3f}; methods: {', '.join(methods)}", file=sys.stderr)
-        plan, plan_s, xg, yg = None, 0.0, x, y
+        plans, plan_s, xg, yg = {}, 0.0, x, y
+        seeds = args.seeds or [args.seed]
         if "gae" in args.metrics:
             n4 = len(x) - len(x) % 4
             xg, yg = x[:n4], y[:n4]
             gae = GAE(num_masking_steps=args.gae_steps, seed=args.seed, batch_size=args.batch_size,
                       progress=not args.quiet)
             t0 = time.perf_counter()
-            plan = gae.prepare(model, xg, yg)
+            for sd in seeds:                      # one plan (positives, trajectories) per seed
+                gae.seed = sd
+                plans[sd] = gae.prepare(model, xg, yg)
             plan_s = time.perf_counter() - t0
+        curves = {}
         if "abpc" in args.metrics:
-            base = args.abpc_baseline
-            try:
-                base = float(base)
-            except ValueError:
-                pass
-            abpc = ABPC(unit=args.abpc_unit, patch_size=args.abpc_patch, baseline=base,
-                        steps=args.abpc_steps, score=args.abpc_score, batch_size=max(256, args.batch_size),
-                        progress=not args.quiet)
+            curves["abpc"] = ABPC(unit=args.abpc_unit, patch_size=args.abpc_patch, baseline=_number(args.abpc_baseline),
+                                  steps=args.abpc_steps, score=args.abpc_score, batch_size=max(256, args.batch_size),
+                                  progress=not args.quiet)
+        if "srg" in args.metrics:
+            curves["srg"] = SRG(patch_size=args.srg_patch, steps=args.srg_steps, baseline=_number(args.srg_baseline),
+                                batch_size=max(256, args.batch_size), progress=not args.quiet)
+        ci = dict(level=args.ci_level, n_boot=args.n_boot, seed=0)
         for meth in methods:
             row: Dict[str, object] = {"model": mname, "method": meth, "accuracy": acc, "n": len(x),
-                                      "gae_trajectories_s": plan_s, "note": ""}
-            if plan is not None:
+                                      "gae_trajectories_s": plan_s, "seeds": " ".join(map(str, seeds)), "note": ""}
+            store = samples.setdefault(mname, {}).setdefault(meth, {})
+            if plans:
                 t0 = time.perf_counter()
                 try:
-                    r = gae.evaluate(model, xg, yg, {meth: _method(meth, args)}, plan=plan)[meth]
-                    row.update(r.aggregate())
-                    row["gae_median"] = float(r.gae.median())
-                    samples.setdefault(mname, {})[meth] = {k: v.cpu() for k, v in r.per_sample().items()}
+                    runs = [gae.evaluate(model, xg, yg, {meth: _method(meth, args)}, plan=pl)[meth]
+                            for pl in plans.values()]
+                    avg = mean_over_seeds(runs)       # per mosaic, averaged over the seeds
+                    _put(row, summarize(avg, **ci))
+                    row["gae_median"] = float(avg["gae"].median())
+                    row["gae_seeds"] = " / ".join(f"{float(r.gae.mean()):.3f}" for r in runs)
+                    store.update({k: v.cpu() for k, v in avg.items()})
+                    if len(runs) > 1:
+                        store["gae_per_seed"] = torch.stack([r.gae for r in runs]).cpu()
                 except Exception as exc:  # report and go on: one preset may lack a rule
                     row["note"] = _reason(exc)
                 row["gae_s"] = time.perf_counter() - t0
-            if "abpc" in args.metrics and not (row["note"] and plan is not None):
+            for key, metric in curves.items():
+                if row["note"]:
+                    break
                 t0 = time.perf_counter()
                 try:
-                    r = abpc(model, x, pred, explain=_method(meth, args))
+                    r = metric(model, x, pred, explain=_method(meth, args))
                     row.update(r.aggregate())
-                    samples.setdefault(mname, {}).setdefault(meth, {})["abpc"] = r.abpc.cpu()
+                    _put(row, summarize(r, **ci))
+                    store[key] = getattr(r, key).cpu()
                 except Exception as exc:
                     row["note"] = _reason(exc)
-                row["abpc_s"] = time.perf_counter() - t0
-            status = row["note"] or " ".join(f"{SHORT[k]}={row[k]:.3f}" for k in GAE_COLS[:1] + ABPC_COLS[:1] if k in row)
+                row[f"{key}_s"] = time.perf_counter() - t0
+            status = row["note"] or " ".join(f"{SHORT[k]}={row[k]:.3f}" for k in CI_COLS if k in row)
             print(f"[{mname}] {meth}: {status}", file=sys.stderr)
             rows.append(row)
     return rows
@@ -181,58 +221,83 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cell(r: Dict[str, object], c: str) -> str:
+    """``mean [low, high]`` for the scores shown with their interval, else the mean."""
+    s = _fmt(r.get(c))
+    if c in CI_COLS and f"{c}_lo" in r:
+        s += f" [{r[f'{c}_lo']:.3f}, {r[f'{c}_hi']:.3f}]"
+    return s
+
+
+def _metric_cols(metrics: Sequence[str]) -> List[str]:
+    return ((GAE_COLS if "gae" in metrics else []) + (ABPC_COLS if "abpc" in metrics else [])
+            + (SRG_COLS if "srg" in metrics else []))
+
+
 def write_markdown(rows, args, path: str, argv: Sequence[str], total_s: float) -> None:
-    cols = [c for c in (GAE_COLS if "gae" in args.metrics else []) + (ABPC_COLS if "abpc" in args.metrics else [])]
-    tcols = [c for c in ("gae_s", "abpc_s") if any(c in r for r in rows)]
+    cols = _metric_cols(args.metrics)
+    if "gae" in args.metrics and len(args.seeds or []) > 1:
+        cols.insert(1, "gae_seeds")
+    tcols = [c for c in ("gae_s", "abpc_s", "srg_s") if any(c in r for r in rows)]
+    level = f"{100 * args.ci_level:g} %"
     lines = ["# lrpgraph evaluate", "",
              f"Command: `lrpgraph evaluate {' '.join(shlex.quote(a) for a in argv)}`  ",
-             f"N = {rows[0]['n'] if rows else args.n} images, seed {args.seed}, GAE T = {args.gae_steps}, "
-             f"ABPC: unit {args.abpc_unit}, {args.abpc_steps} steps, baseline {args.abpc_baseline}, "
-             f"score {args.abpc_score}, target = predicted class. Total time {total_s:.1f} s.", ""]
+             f"N = {rows[0]['n'] if rows else args.n} images, GAE seeds {' '.join(map(str, args.seeds or [args.seed]))}, "
+             f"GAE T = {args.gae_steps}, ABPC: unit {args.abpc_unit}, {args.abpc_steps} steps, baseline "
+             f"{args.abpc_baseline}, score {args.abpc_score}; SRG: patch {args.srg_patch}, {args.srg_steps} steps, "
+             f"fill {args.srg_baseline}, logit; target = predicted class. Intervals: {level} percentile "
+             f"bootstrap ({args.n_boot} resamples) over mosaics (GAE, seed-averaged) or images. "
+             f"Total time {total_s:.1f} s.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         mr = [r for r in rows if r["model"] == model]
         extra = f", GAE trajectories {mr[0]['gae_trajectories_s']:.1f} s" if "gae" in args.metrics else ""
         lines += [f"## {model} (accuracy {mr[0]['accuracy']:.3f}{extra})", ""]
         best = {}
         for c in cols:
-            vals = [r[c] for r in mr if c in r]
+            vals = [r[c] for r in mr if c in r and isinstance(r[c], float)]
             if len(set(vals)) > 1:          # no bold when every method ties
-                best[c] = min(vals) if c == "morf_auc" else max(vals)
+                best[c] = min(vals) if c.endswith("morf_auc") else max(vals)
         hdr = ["method"] + [SHORT[c] for c in cols] + [SHORT[c] for c in tcols] + ["note"]
         lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for r in mr:
             cells = [r["method"]]
             for c in cols:
-                s = _fmt(r.get(c))
+                s = _cell(r, c)
                 cells.append(f"**{s}**" if c in r and best.get(c) is not None and r[c] == best[c] else s)
             cells += [_fmt(r.get(c)) if c in r else "" for c in tcols]
             cells.append(str(r["note"]).replace("|", "/"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("GAE (mean over mosaics), GAE med (median), LC, F, Rb, C, ABPC, LeRF AUC: higher is better; "
-                 "MoRF AUC: lower is better; best in bold. Per-sample scores: evaluation_samples.pt.")
+    lines.append(f"GAE (mean over mosaics [{level} interval]), GAE med (median), LC, F, Rb, C, ABPC, SRG, "
+                 "LeRF AUCs: higher is better; MoRF AUCs: lower is better; best mean in bold (a method whose "
+                 "interval overlaps the best one's is not shown to be worse). Per-sample scores and all "
+                 "interval bounds: evaluation_samples.pt, evaluation.csv.")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def write_csv(rows, path: str) -> None:
-    keys = ["model", "method", "n", "accuracy"] + GAE_COLS + ABPC_COLS + ["gae_s", "abpc_s", "gae_trajectories_s", "note"]
+    scores = GAE_COLS + ABPC_COLS + SRG_COLS
+    keys = (["model", "method", "n", "accuracy", "seeds"] + [k for c in scores for k in (c, f"{c}_lo", f"{c}_hi")]
+            + ["gae_seeds", "gae_s", "abpc_s", "srg_s", "gae_trajectories_s", "note"])
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in keys})
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in keys
+                        if k in r or not k.endswith(("_lo", "_hi"))})
 
 
 def write_plot(rows, args, path: str) -> Optional[str]:
-    """Grouped bars (one panel per metric, one group per model). Returns a note if skipped."""
+    """Grouped bars with their confidence intervals (one panel per metric, one group per model).
+    Returns a note if skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install matplotlib)"
-    metrics = [m for m in ("gae", "abpc") if m in args.metrics]
+    metrics = [m for m in CI_COLS if m in args.metrics]
     models = list(dict.fromkeys(r["model"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 + 0.5 * len(methods) * len(models) / 2, 4), squeeze=False)
@@ -240,9 +305,12 @@ def write_plot(rows, args, path: str) -> Optional[str]:
     cmap = plt.get_cmap("tab20")
     for ax, metric in zip(axes[0], metrics):
         for j, meth in enumerate(methods):
-            vals = [next((r.get(metric, float("nan")) for r in rows if r["model"] == m and r["method"] == meth), float("nan"))
-                    for m in models]
-            ax.bar([i + j * w for i in range(len(models))], vals, width=w, label=meth, color=cmap(j % 20))
+            rs = [next((r for r in rows if r["model"] == m and r["method"] == meth), {}) for m in models]
+            vals = [r.get(metric, float("nan")) for r in rs]
+            err = [[v - r.get(f"{metric}_lo", v) for v, r in zip(vals, rs)],
+                   [r.get(f"{metric}_hi", v) - v for v, r in zip(vals, rs)]]
+            ax.bar([i + j * w for i in range(len(models))], vals, width=w, label=meth, color=cmap(j % 20),
+                   yerr=err, error_kw={"elinewidth": 0.6, "capsize": 1})
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(models))], models)
         ax.set_title(SHORT[metric] + " (higher is better)")
     axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
@@ -261,6 +329,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 4 or args.batch_size % 4:
         print("lrpgraph evaluate: --batch-size must be a positive multiple of 4", file=sys.stderr)
+        return 2
+    bad = [f"{name} {v}" for name, v, ok in [("--ci-level", args.ci_level, 0 < args.ci_level < 1),
+                                              ("--n-boot", args.n_boot, args.n_boot >= 1),
+                                              ("--srg-patch", args.srg_patch, args.srg_patch >= 1),
+                                              ("--srg-steps", args.srg_steps, args.srg_steps >= 1)] if not ok]
+    if bad:
+        print(f"lrpgraph evaluate: {', '.join(bad)} out of range (--ci-level in (0, 1), the others >= 1)",
+              file=sys.stderr)
         return 2
     if args.n < 4:
         print("lrpgraph evaluate: --n must be at least 4 (one GAE mosaic)", file=sys.stderr)

@@ -1,6 +1,6 @@
 """GAE, the Global Attribution Evaluation of Vukadin et al. (2024), as the authors' current code
-computes it (``abslrp_gae/gae/gae.py`` with fix ``2754310``; spec section 4), with its two known
-defects fixed:
+computes it (``abslrp_gae/gae/gae.py`` with fix ``2754310``), with its two known defects fixed
+(docs/evaluation.md lists every difference with its measured effect):
 
 * every mosaic is four *consecutive* images (``x[4m:4m+4]`` -> TL, TR, BL, BR) at any batch size
   that is a multiple of 4 (the reference builds mosaics from chunked indices but samples the
@@ -16,8 +16,10 @@ Per mosaic ``m`` (images ``4m..4m+3``), with ``T = num_masking_steps``:
 2. gradient-guided MoRF and LeRF trajectories on ``x+``: at step ``t`` the map
    ``r_t = |x(t-1) * d|logit_y+|/dx|`` (sum to one) of the *current* input selects the
    ``floor(t/T * D)`` largest (MoRF) / smallest (LeRF) entries of ``r_t``, set to ``mask_value``
-   (``D`` = C*H*W; channels independently). Selecting from the current map means MoRF skips
-   entries already masked (it saturates after ~4 steps) and LeRF re-selects them;
+   (``D`` = C*H*W; channels independently; ranked in float64, ties by index). Selecting from the
+   current map means MoRF skips entries already masked (it saturates after ~4 steps) and LeRF
+   re-selects them. These passes run in their own fixed batch (``plan_batch_size``), so the
+   trajectories do not depend on ``batch_size`` or ``explain_batch_size``;
 3. faithfulness ``F = sum(CIM * rho+) / sum(rho+)`` with the combined impact map
    ``CIM = sign(norm1(sum_t r_t^LeRF) - norm1(sum_t r_t^MoRF))``;
 4. robustness ``Rb = 1 - 2 d(dr, do)`` over the ``T-1`` masked inputs with the dice distance
@@ -105,11 +107,15 @@ class GAE:
         num_masking_steps: ``T``, steps of each masking trajectory (``T - 1`` masked inputs are
             explained per trajectory); the reference uses 10.
         seed: seeds the positive-quadrant sampling, so two runs give the same numbers.
-        batch_size: images per chunk (a multiple of 4); also the batch of the plain forwards and
-            of each trajectory step (MoRF and LeRF of ``batch_size / 2`` positives). A chunk's
-            explanations are ``5 * batch_size`` inputs (positive, mosaic and ``2 (T-1)`` masked
+        batch_size: images per scoring chunk (a multiple of 4). A chunk's explanations are ``5 * batch_size`` inputs (positive, mosaic and ``2 (T-1)`` masked
             inputs per mosaic at T = 10), split by ``explain_batch_size``.
         explain_batch_size: the most inputs passed to ``explain`` at once (``None``: a whole chunk).
+        plan_batch_size: the batch of every method-independent pass (forwards of the images and
+            mosaics, the trajectory gradients: MoRF and LeRF of ``plan_batch_size / 2`` positives).
+            It is separate from ``batch_size`` and fixed, so that ``batch_size`` and
+            ``explain_batch_size`` cannot change which entries the trajectories mask: a model's
+            output for one sample can differ in its last bits between batch sizes, and one flipped
+            near-tie changes the whole rest of a trajectory. Keep it fixed when comparing runs.
         mask_value: what masked entries are set to (0 = the dataset mean for standardised inputs,
             as in the reference).
         progress: show a progress bar (tqdm if installed).
@@ -125,7 +131,8 @@ class GAE:
     score_direction = "higher"
 
     def __init__(self, num_masking_steps: int = 10, seed: int = 0, batch_size: int = 32,
-                 explain_batch_size: Optional[int] = None, mask_value: float = 0.0, progress: bool = True):
+                 explain_batch_size: Optional[int] = None, mask_value: float = 0.0, progress: bool = True,
+                 plan_batch_size: int = 32):
         if not isinstance(num_masking_steps, int) or num_masking_steps < 2:
             raise ValueError(f"num_masking_steps must be an int >= 2, got {num_masking_steps!r}")
         if not isinstance(batch_size, int) or batch_size < 4 or batch_size % 4:
@@ -133,6 +140,10 @@ class GAE:
                              f"got {batch_size!r}")
         if explain_batch_size is not None and explain_batch_size < 1:
             raise ValueError(f"explain_batch_size must be >= 1 or None, got {explain_batch_size!r}")
+        if not isinstance(plan_batch_size, int) or plan_batch_size < 2 or plan_batch_size % 2:
+            raise ValueError(f"plan_batch_size must be an even int >= 2 (MoRF and LeRF of "
+                             f"plan_batch_size / 2 positives per pass), got {plan_batch_size!r}")
+        self.plan_batch_size = plan_batch_size
         self.num_masking_steps = num_masking_steps
         self.seed = seed
         self.batch_size = batch_size
@@ -142,7 +153,8 @@ class GAE:
 
     def __repr__(self) -> str:
         return (f"GAE(num_masking_steps={self.num_masking_steps}, seed={self.seed}, "
-                f"batch_size={self.batch_size}, mask_value={self.mask_value})")
+                f"batch_size={self.batch_size}, mask_value={self.mask_value}, "
+                f"plan_batch_size={self.plan_batch_size})")
 
     # ----------------------------------------------------------------------------------------
     # public entry points
@@ -210,7 +222,7 @@ class GAE:
         everything that does not depend on the attribution method."""
         y = self._check(model, x, y)
         M = x.shape[0] // 4
-        bs = self.batch_size
+        bs = self.plan_batch_size                                      # not batch_size: see __init__
         logits = forward(model, x, bs)
         check_targets(y, logits.shape[1], "y")
         pred = logits.argmax(1)
@@ -261,25 +273,24 @@ class GAE:
         cur = torch.cat([x_pos, x_pos]).detach()
         tgt = torch.cat([target, target]).view(-1, 1)
         D = cur[0].numel()
-        inputs, logits, rsum = [], [], torch.zeros_like(cur)
+        inputs, logits, rsum = [], [], torch.zeros_like(cur, dtype=torch.float64)
         for t in range(1, T + 1):
             xi = cur.clone().requires_grad_(True)
             with torch.enable_grad():
                 a = model(xi).gather(1, tgt)[:, 0]
                 (g,) = torch.autograd.grad(a.abs().sum(), xi)       # per-sample: sum, not mean
-            r = sum_to_one((g * cur).abs())
+            r = sum_to_one((g.double() * cur.double()).abs())       # float64 from here on
             inputs.append(cur)
             logits.append(a.detach())
             rsum += r
             if t < T:
-                k = (t * D) // T
+                k = masked_count(t, T, D)
                 flat = r.flatten(1)
-                idx = torch.cat([torch.argsort(flat[:M], dim=1, descending=True, stable=True)[:, :k],
-                                 torch.argsort(flat[M:], dim=1, descending=False, stable=True)[:, :k]])
+                idx = torch.cat([select_masked(flat[:M], k, True), select_masked(flat[M:], k, False)])
                 cur = cur.flatten(1).scatter(1, idx, self.mask_value).view_as(cur)
         inputs_t = torch.stack(inputs, 1)                               # (2M, T, C, H, W)
         logits_t = torch.stack(logits, 1)                               # (2M, T)
-        cim = torch.sign(sum_to_one(rsum[M:]) - sum_to_one(rsum[:M]))   # LeRF - MoRF
+        cim = torch.sign(sum_to_one(rsum[M:]) - sum_to_one(rsum[:M])).to(x_pos.dtype)   # LeRF - MoRF
         return inputs_t[:M], logits_t[:M], inputs_t[M:], logits_t[M:], cim
 
     def _explain(self, model: nn.Module, fn: ExplainFn, inputs: Tensor, target: Tensor, name: str) -> Tensor:
@@ -321,6 +332,20 @@ class GAE:
 
 # --------------------------------------------------------------------------------------------
 # building blocks (public for tests and for users who want to look at them)
+
+
+def masked_count(t: int, T: int, D: int) -> int:
+    """Entries masked after step ``t`` of ``T``: ``floor(t * D / T)`` in integers, so step 5 of 10
+    masks exactly half. (The reference computes ``int(float32(t / T) * D)``, one entry fewer at
+    some steps; see docs/evaluation.md.)"""
+    return (t * D) // T
+
+
+def select_masked(r: Tensor, k: int, descending: bool) -> Tensor:
+    """Indices ``(B, k)`` of the ``k`` largest (MoRF) or smallest (LeRF) entries of each row of
+    ``r`` ``(B, D)``: ranked by the score in float64, ties by entry index (a stable sort), so exact
+    ties never depend on the sort algorithm or the device."""
+    return torch.argsort(r.double(), dim=1, descending=descending, stable=True)[:, :k]
 
 
 def make_mosaic(x: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
-"""Perturbation curves: MoRF (most relevant first), LeRF (least relevant first) and ABPC, the area
-between them (``AUC(LeRF) - AUC(MoRF)``, higher is better; Blücher et al. 2024, pnpxai ``AbPC``).
+"""Perturbation curves: MoRF (most relevant first), LeRF (least relevant first), ABPC, the area
+between them (``AUC(LeRF) - AUC(MoRF)``, higher is better; pnpxai ``AbPC``), and SRG, the Symmetric
+Relevance Gain of Blücher, Vielhaben and Strodthoff (TMLR 2024): the same area in their setting
+(patches filled with the per-channel dataset mean, 100 steps, logit).
 
-Conventions (peers.md section 5.1), all constructor parameters:
+Conventions, all constructor parameters:
 
 * ``unit``: ``"element"`` (each entry, channels independently, as Quantus ``PixelFlipping`` and GAE),
   ``"pixel"`` (all channels of a pixel together, as xplique and Chefer) or ``"patch"``
@@ -9,9 +11,11 @@ Conventions (peers.md section 5.1), all constructor parameters:
 * channel reduction of the map for pixels and patches: ``"sum"`` (default, the LRP convention),
   ``"mean"``, ``"max"`` or ``"abs"`` (sum of absolute values); a patch's relevance is the sum over
   its pixels.
-* ``baseline``: a number (0 = the dataset mean for standardised inputs), ``"mean"`` (each image's
-  per-channel mean), ``"black"`` (each image's minimum, Quantus' "black") or a callable
-  ``x -> tensor broadcastable to x``.
+* ``baseline``: a number (0 = the dataset mean for standardised inputs), one value per channel (a
+  sequence or a ``(C,)`` tensor, e.g. the training set's per-channel mean), ``"dataset-mean"`` (the
+  per-channel mean over every image passed in one call: an estimate of the dataset mean),
+  ``"mean"`` (each image's own per-channel mean), ``"black"`` (each image's minimum, Quantus'
+  "black") or a callable ``x -> tensor broadcastable to x``.
 * step schedule: ``steps`` equal steps from 0 % to 100 % of the units, or ``features_per_step``
   as a count (int) or a fraction (float); the 0 % point is included unless ``include_zero=False``.
 * ``score``: the target's ``"logit"`` or softmax ``"probability"``.
@@ -21,7 +25,7 @@ Conventions (peers.md section 5.1), all constructor parameters:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +33,7 @@ from torch import Tensor, nn
 from ._common import (EvaluationError, ExplainFn, MetricResult, check_inputs, check_map, check_targets,
                       progress)
 
-Baseline = Union[float, int, str, Callable[[Tensor], Tensor]]
+Baseline = Union[float, int, str, Sequence[float], Tensor, Callable[[Tensor], Tensor]]
 
 
 @dataclasses.dataclass
@@ -78,8 +82,11 @@ class _Perturbation:
             raise ValueError(f"score must be 'logit' or 'probability', got {score!r}")
         if channel_reduce not in ("sum", "mean", "max", "abs"):
             raise ValueError(f"channel_reduce must be 'sum', 'mean', 'max' or 'abs', got {channel_reduce!r}")
-        if isinstance(baseline, str) and baseline not in ("mean", "black"):
-            raise ValueError(f"baseline must be a number, 'mean', 'black' or a callable, got {baseline!r}")
+        if isinstance(baseline, str) and baseline not in ("mean", "black", "dataset-mean"):
+            raise ValueError(f"baseline must be a number, per-channel values, 'dataset-mean', 'mean', "
+                             f"'black' or a callable, got {baseline!r}")
+        if isinstance(baseline, (list, tuple, Tensor)):
+            baseline = torch.as_tensor(baseline, dtype=torch.float64).flatten()
         if features_per_step is None and (not isinstance(steps, int) or steps < 1):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if features_per_step is not None:
@@ -141,6 +148,14 @@ class _Perturbation:
         b = self.baseline
         if callable(b):
             v = b(x)
+        elif isinstance(b, Tensor):                                    # one value per channel
+            if x.dim() < 2 or b.numel() != x.shape[1]:
+                raise EvaluationError(f"the baseline has {b.numel()} per-channel values but the input has "
+                                      f"{x.shape[1] if x.dim() > 1 else 0} channels (dim 1 of {tuple(x.shape)})")
+            v = b.view(1, -1, *([1] * (x.dim() - 2)))
+        elif b == "dataset-mean":
+            dims = tuple(d for d in range(x.dim()) if d != 1)
+            v = x.double().mean(dim=dims, keepdim=True)
         elif b == "mean":
             v = x.mean(dim=tuple(range(2, x.dim())), keepdim=True) if x.dim() > 2 else x.mean(1, keepdim=True)
         elif b == "black":
@@ -264,3 +279,48 @@ class ABPC(_Perturbation):
         y, a = self._prepare(model, x, y, attributions, explain)
         r = self._curves(model, x, y, a, ("morf", "lerf"), self.name)
         return ABPCResult(abpc=r["lerf"].auc - r["morf"].auc, morf=r["morf"], lerf=r["lerf"])
+
+
+@dataclasses.dataclass
+class SRGResult(MetricResult):
+    """Symmetric Relevance Gain per sample, ``auc(LeRF) - auc(MoRF)`` (higher is better)."""
+
+    srg: Tensor
+    morf: CurveResult
+    lerf: CurveResult
+
+    def aggregate(self):
+        return {"srg": float(self.srg.float().mean()), "srg_morf_auc": float(self.morf.auc.float().mean()),
+                "srg_lerf_auc": float(self.lerf.auc.float().mean())}
+
+
+class SRG(ABPC):
+    """Symmetric Relevance Gain (Blücher, Vielhaben and Strodthoff, TMLR 2024; higher is better).
+
+    Occlude square patches in MoRF and in LeRF order, filled with the per-channel dataset mean,
+    and track the target's logit; SRG is the area between the two curves over the occluded
+    fraction in [0, 1] (trapezoid rule, the unoccluded point included):
+    ``SRG = AUC(LeRF) - AUC(MoRF)``. It is the sum of the paper's most- and least-relevant gains
+    against a random ranking (``(AUC(random) - AUC(MoRF)) + (AUC(LeRF) - AUC(random))``), so
+    the random curve cancels and a random map scores 0 in expectation. The area is in logit units
+    (the x-axis is a fraction, so it does not grow with ``steps``). When ``patch_size`` does not
+    divide the image, edge patches are smaller and the x-axis counts patches, not pixels.
+
+    Defaults: ``unit="patch"``, ``patch_size=16`` (a 14 x 14 grid on 224-pixel images; use a size
+    that gives a grid of comparable resolution on other images), ``baseline="dataset-mean"``
+    (the per-channel mean over the images of the call; pass the training set's per-channel mean
+    as a sequence when known), ``steps=100`` (fewer points when there are fewer patches),
+    ``score="logit"``, patch relevance = the sum of its map over channels and pixels. Every
+    parameter of :class:`ABPC` is accepted.
+    """
+
+    name = "SRG"
+
+    def __init__(self, unit: str = "patch", patch_size: Union[int, Tuple[int, int]] = 16,
+                 baseline: Baseline = "dataset-mean", steps: int = 100, **kw):
+        super().__init__(unit=unit, patch_size=patch_size, baseline=baseline, steps=steps, **kw)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, attributions: Optional[Tensor] = None,
+                 explain: Optional[ExplainFn] = None) -> SRGResult:
+        r = super().__call__(model, x, y, attributions=attributions, explain=explain)
+        return SRGResult(srg=r.abpc, morf=r.morf, lerf=r.lerf)
