@@ -42,6 +42,32 @@ def module_path(node: fx.Node) -> str:
     return ""
 
 
+def module_paths(nodes: Iterable[fx.Node]) -> Dict[fx.Node, str]:
+    """:func:`module_path` of every node; a node that a graph pass inserted without module
+    information (explicit attention, normalised additions) takes the common module prefix of its
+    neighbours, so that it lands in the right block."""
+    nodes = list(nodes)
+    out = {n: module_path(n) for n in nodes}
+    for _ in range(4):  # chains of inserted nodes fill in from both ends
+        changed = False
+        for n in nodes:
+            if out[n] or n.op in ("placeholder", "get_attr", "output"):
+                continue
+            near = [out[m] for m in list(n.all_input_nodes) + list(n.users) if out.get(m) and m.op != "get_attr"]
+            if near:
+                parts = [p.split(".") for p in near]
+                common = []
+                for col in zip(*parts):
+                    if any(c != col[0] for c in col):
+                        break
+                    common.append(col[0])
+                if common:
+                    out[n], changed = ".".join(common), True
+        if not changed:
+            break
+    return out
+
+
 _NUMBERED = re.compile(r"^\d+$")
 
 
@@ -77,10 +103,11 @@ def build(e: Any, tol: float = 1e-5, level: int = 1) -> nx.DiGraph:
     order = {n.name: i for i, n in enumerate(e._plan.nodes)}
     sinks = node_sinks(e)
     first = e._plan.placeholders[0] if e._plan.placeholders else None
+    paths = module_paths(e._plan.nodes)
     for n in e._plan.nodes:
         if n.name not in touched and n is not first:  # size queries, inputs no relevance reached
             continue
-        path = module_path(n)
+        path = paths[n]
         shape = e._shapes.get(n.name)
         attrs: Dict[str, Any] = dict(op=n.op, module=path, block=block_of(path, level) or "",
                                      shape=str(tuple(shape)) if shape is not None else "", order=order[n.name],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, fx
@@ -115,20 +115,26 @@ def residual_table(res: Sequence[Residual], sample: int = 0) -> str:
                           f"A = sum(|R_in|+|R_up|)/sum(|R_out|) (sample {sample}, pass 0)"])
 
 
-def plot_residuals(res: Sequence[Residual], path: str, title: str = "", sample: int = 0) -> str:
-    """A PNG of A (and C) per residual addition, grouped by block along the x axis."""
+def plot_residuals(res: Union[Sequence[Residual], Dict[str, Sequence[Residual]]], path: str, title: str = "",
+                   sample: int = 0) -> str:
+    """A PNG of A per residual addition (one line per preset when given ``{label: residuals}``)
+    and of C (the forward ratio, the same for every preset), labelled by block along the x axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = [r for r in res if r.A is not None]
-    xs = list(range(len(res)))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.32 * len(res) + 2), 3.4), dpi=110)
-    ax.plot(xs, [float(r.A[0, sample]) for r in res], "o-", color="#c0392b", label="A (backward amplification)")
-    ax.plot(xs, [float(r.C[sample]) for r in res], "s--", color="#2c3e50", alpha=0.7, label="C (forward cancellation)")
+    series = dict(res) if isinstance(res, dict) else {"A": res}
+    first = list(next(iter(series.values())))
+    xs = list(range(len(first)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.32 * len(first) + 2), 3.4), dpi=110)
+    for i, (label, rs) in enumerate(series.items()):
+        ys = [float(r.A[0, sample]) if r.A is not None else float("nan") for r in rs]
+        name = "A (backward amplification)" if label == "A" else f"A, {label}"
+        ax.plot(xs, ys, "o-", color=("#c0392b", "#e67e22", "#8e44ad", "#16a085")[i % 4], label=name)
+    ax.plot(xs, [float(r.C[sample]) for r in first], "s--", color="#2c3e50", alpha=0.7, label="C (forward cancellation)")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(xs)
-    ax.set_xticklabels([r.block or r.name for r in res], rotation=70, fontsize=7)
+    ax.set_xticklabels([r.block or r.name for r in first], rotation=70, fontsize=7)
     ax.set_ylabel("ratio")
     ax.set_title(title or "residual additions", fontsize=10)
     ax.legend(fontsize=8)
