@@ -19,6 +19,11 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, e: Any, title: str) -> None:
     """Write and print what the options ask for."""
+    from pathlib import Path
+
+    for path in (a.html, a.graph, a.residual_plot, a.heads):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if a.residuals:
         from .residuals import residual_table
         print("\n" + residual_table(e.residuals(), sample=a.sample))

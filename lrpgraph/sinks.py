@@ -151,15 +151,21 @@ def books(e: Any) -> Dict[str, np.ndarray]:
     return {"start": start, "input": inp, "sinks": by_kind(e)["total"] if e._rows else np.zeros_like(start)}
 
 
-def sink_table(e: Any, sample: int = 0) -> str:
-    """The sinks per kind for one sample (pass 0), with the start and input relevance."""
+def sink_table(e: Any, sample: int = 0, top: int = 8) -> str:
+    """The sinks per kind for one sample (pass 0), with the start and input relevance, and the
+    ``top`` nodes that kept the most (by absolute value)."""
     b = books(e)
     kinds = by_kind(e)
-    lines = [f"start relevance   {b['start'][0, sample]: .6g}", f"input relevance   {b['input'][0, sample]: .6g}"]
+    lines = [f"{'start relevance':<26}{b['start'][0, sample]: .6g}", f"{'input relevance':<26}{b['input'][0, sample]: .6g}"]
     for k, v in sorted(kinds.items(), key=lambda kv: kv[0] == "total"):
-        lines.append(f"sink {k:<14}{v[0, sample]: .6g}")
+        lines.append(f"{'sink ' + k:<26}{v[0, sample]: .6g}")
     gap = b["start"][0, sample] - b["input"][0, sample] - b["sinks"][0, sample]
     lines.append(f"start - input - sinks = {gap:.3g}")
+    per = sorted(sinks(e), key=lambda s: -abs(float(s.value[0, sample])))[:top]
+    if per:
+        lines.append(f"\nlargest sinks (sample {sample}, pass 0):")
+        w = max(len(s.node) for s in per)
+        lines += [f"  {s.node:<{w}}  {s.kind:<18} {s.value[0, sample]: .6g}" for s in per]
     return "\n".join(lines)
 
 
