@@ -54,7 +54,8 @@ class Explanation:
 
     def conservation(self) -> ConservationReport:
         """Per-node relevance in and out, before any normalisation (see :mod:`lrpgraph.report`)."""
-        return ConservationReport(list(self._rows), preset=self.preset, masses=self.sign_split)
+        return ConservationReport(list(self._rows), preset=self.preset, masses=self.sign_split,
+                                  residuals=self.residuals() if self._plan is not None else [])
 
     def graph(self, tol: float = 1e-5, level: int = 1):
         """The conservation debugger as a ``networkx.DiGraph`` (see :mod:`lrpgraph.graph`)."""

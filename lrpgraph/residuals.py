@@ -81,8 +81,11 @@ class Residual:
 def residuals(e: Any) -> List[Residual]:
     """The residual ratios of an :class:`~lrpgraph.explainer.Explanation` (explained with
     ``report=True``), in forward order."""
-    from .graph import block_of, module_path
+    from .graph import block_of, module_paths
 
+    if e._plan is None:
+        raise ValueError("residual ratios need the report: explain with report=True")
+    paths = module_paths(e._plan.nodes)
     rows = {r.name: r for r in e._rows}
     sent_abs: Dict[str, Tensor] = {}
     for user, _inp, _slot, sent, _got in e._edges:
@@ -99,7 +102,7 @@ def residuals(e: Any) -> List[Residual]:
         r = rows.get(n.name)
         if r is not None and n.name in sent_abs:
             A = sent_abs[n.name] / (r.in_pos - r.in_neg).clamp(min=1e-300)
-        out.append(Residual(n.name, block_of(module_path(n)) or "", [s_.name for s_ in e._plan.slots[n]], C, A))
+        out.append(Residual(n.name, block_of(paths[n]) or "", [s_.name for s_ in e._plan.slots[n]], C, A))
     return out
 
 

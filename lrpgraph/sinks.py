@@ -104,6 +104,8 @@ def node_sinks(e: Any) -> Dict[str, Tuple[np.ndarray, str]]:
 def sinks(e: Any) -> List[Sink]:
     """Every named sink of an explanation (explained with ``report=True``), in backward order."""
     plan = e._plan
+    if plan is None:
+        raise ValueError("named sinks need the report: explain with report=True")
     by_name = {n.name: n for n in plan.nodes}
     delivered: Dict[str, np.ndarray] = {}
     for user, _inp, _slot, _sent, got in e._edges:

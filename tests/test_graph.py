@@ -102,5 +102,6 @@ def test_exports(tmp_path):
 
 def test_graph_needs_report():
     e = lrpgraph.Explainer(zoo.load("vgg"))(zoo.load_samples(1)[0], report=False)
-    with pytest.raises(ValueError, match="report=True"):
-        e.graph()
+    for fn in (e.graph, e.residuals, e.sinks):
+        with pytest.raises(ValueError, match="report=True"):
+            fn()

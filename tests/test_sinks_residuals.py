@@ -88,6 +88,7 @@ def test_residual_ratios_literal(rules):
     g = e.graph()
     np.testing.assert_allclose(g.nodes["add"]["A"], A.numpy(), rtol=1e-10)
     assert "add" in residual_table(e.residuals())
+    assert [x.name for x in e.conservation().residuals] == ["add"]
 
 
 def test_residual_plot(tmp_path):
