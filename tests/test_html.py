@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 import lrpgraph
 from lrpgraph import zoo
@@ -99,3 +100,20 @@ def test_page_screenshot(page, tmp_path):
     colours = img.getcolors(1 << 20)
     greens = sum(c for c, rgb in colours if rgb == (0xa1, 0xd9, 0x9b))
     assert len(colours) > 50 and greens > 1000  # nodes were drawn
+
+
+@needs_chromium
+def test_vit_b16_page_in_chromium(timm, tmp_path):
+    """ViT-B/16's page (random weights; 32x32 input: the same graph as at 224, 5 tokens) shows
+    its 12 blocks, and a click in an opened block shows that node's row."""
+    m = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32).eval()
+    e = lrpgraph.Explainer(m, rules="abslrp")(torch.randn(1, 3, 32, 32))
+    path = tmp_path / "vitb.html"
+    write_html(e, str(path), title="ViT-B/16")
+    dom = _chromium(path.as_uri(), tmp_path, "--dump-dom")
+    assert set(re.findall(r'data-block="([^"]+)"', dom)) == {f"blocks.{i}" for i in range(12)}
+    dom = _chromium(path.as_uri() + "#click=blocks_5_attn_qkv", tmp_path, "--dump-dom")
+    assert 'data-selected="blocks_5_attn_qkv"' in dom
+    cells = re.findall(r'<td data-col="out_sum">([^<]+)</td>', dom)
+    assert [float(c) for c in cells] == pytest.approx([float(e.conservation()["blocks_5_attn_qkv"].out_sum[0, 0])],
+                                                      rel=1e-5, abs=1e-12)
