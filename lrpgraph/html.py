@@ -110,6 +110,11 @@ def write_html(e: Any, path: str, title: str = "", tol: float = 1e-5, level: int
     g = e.graph(tol=tol, level=level)
     data = page_data(g, title=title)
     data["heatmap"] = _heatmap_uri(e.relevance, sample)
+    from .sinks import books, by_kind
+    b, kinds = books(e), by_kind(e)
+    data["books"] = [["start relevance", float(b["start"][0, sample])], ["input relevance", float(b["input"][0, sample])]] + \
+        [[f"sink: {k}", float(v[0, sample])] for k, v in kinds.items() if k != "total"] + \
+        [["sinks, total", float(kinds["total"][0, sample])]]
     data["sample"] = sample
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     html = TEMPLATE.read_text().replace("/*__DATA__*/null", blob).replace("__TITLE__", _esc(title or "lrpgraph"))

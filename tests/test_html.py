@@ -69,6 +69,7 @@ def test_page_in_chromium(page, tmp_path):
     e, path = page
     dom = _chromium(path.as_uri(), tmp_path, "--dump-dom")
     assert 'data-ready="1"' in dom, "the page's script ran to the end"
+    assert "<th style=\"text-align:left\">sink: token</th>" in dom  # the books, before any click
     shown = set(re.findall(r'data-block="([^"]+)"', dom))
     assert shown == {"blocks.0", "blocks.1", "blocks.2", "blocks.3"}  # every block, collapsed
     # a click on a node (inside a collapsed block: the block is clicked open first) shows its row
