@@ -28,10 +28,11 @@ from lrpgraph.html import write_html  # noqa: E402
 from lrpgraph.residuals import plot_residuals  # noqa: E402
 
 
+EXE = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
 def chromium(url: str, *extra: str) -> str:
-    exe = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-    if exe is None:
-        raise SystemExit("no Chromium binary: apt-get install chromium")
+    exe = EXE
     with tempfile.TemporaryDirectory() as prof:
         out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={prof}",
                               *extra, url], capture_output=True, text=True, timeout=300)
@@ -57,19 +58,23 @@ def main() -> None:
     print(f"ViT-B/16 page: {page.stat().st_size / 1024:.0f} KiB, {g.number_of_nodes()} nodes, "
           f"{g.number_of_edges()} edges")
     load, script, wall = [], [], []
-    for _ in range(a.loads):
+    for _ in range(a.loads if EXE else 0):
         t = time.perf_counter()
         dom = chromium(page.as_uri(), "--dump-dom")
         wall.append(time.perf_counter() - t)
         load.append(float(re.search(r'data-load-ms="([\d.]+)"', dom).group(1)))
         script.append(float(re.search(r'data-script-ms="([\d.]+)"', dom).group(1)))
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    print(f"load (navigation start to drawn, median of {a.loads}): {med(load):.0f} ms; the page's script "
-          f"{med(script):.0f} ms; chromium start to exit {med(wall):.2f} s")
+    if not EXE:
+        print("no Chromium binary (apt-get install chromium): load time and screenshot skipped")
+    elif load:
+        print(f"load (navigation start to drawn, median of {a.loads}): {med(load):.0f} ms; the page's script "
+              f"{med(script):.0f} ms; chromium start to exit {med(wall):.2f} s")
     shot = out / "debugger_vitb16.png"
-    chromium(page.as_uri() + "#block=blocks.5&click=blocks_5_attn_qkv", f"--screenshot={shot.resolve()}",
-             "--window-size=1400,1000")
-    print(f"screenshot: {shot}")
+    if EXE:
+        chromium(page.as_uri() + "#block=blocks.5&click=blocks_5_attn_qkv", f"--screenshot={shot.resolve()}",
+                 "--window-size=1400,1000")
+        print(f"screenshot: {shot}")
     res = {"abslrp": e.residuals(), "lrp-epsilon": lrpgraph.Explainer(vit, rules="lrp-epsilon")(x).residuals()}
     print(f"residual plot: {plot_residuals(res, str(out / 'residuals_vitb16.png'), title='ViT-B/16 (random weights): A and C per residual addition')}")
     torch.manual_seed(0)

@@ -35,6 +35,11 @@ class Explanation:
         preset: name of the rule preset.
         latent: relevance at the nodes named in ``keep`` (``(K, ...)``, K = relevance passes).
         absorbed: relevance absorbed by parameters and constants, per node name.
+        heads: relevance per attention head and of each attention map, with ``heads=True``
+            (:mod:`lrpgraph.heads`).
+
+    With the report (the default), ``graph()``, ``residuals()`` and ``sinks()`` give the
+    conservation debugger's views (:mod:`lrpgraph.graph`, :mod:`lrpgraph.residuals`, :mod:`lrpgraph.sinks`).
     """
 
     relevance: Tensor
