@@ -5,8 +5,8 @@ added to its inputs' relevance. That amount is split into
 
 * the rule's own loss, ``in_sum - out_sum`` (the report's error, measured before any
   normalisation), named by what the node is: ``bias`` (a layer with a non-zero bias; any stabiliser
-  at that node is included), ``epsilon`` (a weighted layer without bias: only the stabiliser can
-  absorb), ``rule`` (another op whose rule does not conserve);
+  at that node is included), ``epsilon`` (a Linear, convolution or BatchNorm without bias: only the
+  stabiliser can absorb), ``rule`` (another op whose rule does not conserve);
 * ``renormalisation``: ``out_sum - delivered`` at a rule that rescales its output to unit mass
   (``abslrp-renorm``). The report measures a node before normalisation; this entry is what the
   rescaling then added or removed, so the books close exactly;
@@ -52,7 +52,8 @@ def _has_bias(plan, node: fx.Node) -> Tuple[bool, bool]:
     """(weighted, non-zero bias) for a node's module or functional call."""
     m = plan.modules.get(node)
     if m is not None:
-        w = getattr(m, "weight", None) is not None
+        weight = getattr(m, "weight", None)  # a weight matrix or kernel (not LayerNorm's scale vector)
+        w = isinstance(weight, torch.Tensor) and weight.dim() >= 2
         b = getattr(m, "bias", None)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):  # effective bias: beta - mean * scale
             mean = m.running_mean if m.running_mean is not None else torch.zeros(1)
