@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import Explainer, composite_names, get_composite
+from . import Explainer, composite_names, debugger, get_composite
 
 ZOO = ("vgg", "resnet", "vit")
 
@@ -69,12 +69,14 @@ def cmd_debug(a: argparse.Namespace) -> int:
         x, _ = zoo.load_samples(a.n)
     if a.double:
         model, x = model.double(), x.double()
-    e = Explainer(model, rules=a.rules)(x, contrastive=not a.no_contrastive)
+    e = Explainer(model, rules=a.rules, zero_bias=a.zero_bias)(x, contrastive=not a.no_contrastive,
+                                                               heads=bool(a.heads))
     rep = e.conservation()
     print(rep.table(a.tol, sample=a.sample))
     leaks = rep.leaks(a.tol)
     if leaks:
         print("\nleaking nodes: " + ", ".join(f"{r.name} ({r.rule}, {r.worst(rep.masses):.1e})" for r in leaks))
+    debugger.run(a, e, title=f"{a.model}, preset {a.rules}" + (", zero bias" if a.zero_bias else ""))
     return 1 if (leaks and a.strict) else 0
 
 
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--double", action="store_true", help="run in float64")
     d.add_argument("--no-contrastive", action="store_true")
     d.add_argument("--strict", action="store_true", help="exit with status 1 when a node leaks")
+    debugger.add_arguments(d)
     d.set_defaults(fn=cmd_debug)
 
     c = sub.add_parser("coverage", help="list the rule every op gets (MISSING where none)")

@@ -11,7 +11,9 @@ from torch import Tensor, fx, nn
 
 from .canonize import fold_batchnorm
 from .passes import normalise
+from .heads import attention_nodes, collect, head_keep
 from .record import NoRuleError, batch_axes, compile_plan, record
+from .residuals import ForwardSums
 from .registry import Composite, get_composite
 from .report import ConservationReport, NodeBalance
 from .rule import Scratch, describe_target
@@ -33,6 +35,11 @@ class Explanation:
         preset: name of the rule preset.
         latent: relevance at the nodes named in ``keep`` (``(K, ...)``, K = relevance passes).
         absorbed: relevance absorbed by parameters and constants, per node name.
+        heads: relevance per attention head and of each attention map, with ``heads=True``
+            (:mod:`lrpgraph.heads`).
+
+    With the report (the default), ``graph()``, ``residuals()`` and ``sinks()`` give the
+    conservation debugger's views (:mod:`lrpgraph.graph`, :mod:`lrpgraph.residuals`, :mod:`lrpgraph.sinks`).
     """
 
     relevance: Tensor
@@ -43,10 +50,34 @@ class Explanation:
     absorbed: Dict[str, Any] = field(default_factory=dict)
     _rows: List[NodeBalance] = field(default_factory=list, repr=False)
     sign_split: bool = False
+    heads: Dict[str, Any] = field(default_factory=dict)
+    # debugger data (report=True): walk edges, the plan, shapes and residual forward sums by node name
+    _edges: List[tuple] = field(default_factory=list, repr=False)
+    _plan: Any = field(default=None, repr=False)
+    _shapes: Dict[str, Any] = field(default_factory=dict, repr=False)
+    _forward: Dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def conservation(self) -> ConservationReport:
         """Per-node relevance in and out, before any normalisation (see :mod:`lrpgraph.report`)."""
-        return ConservationReport(list(self._rows), preset=self.preset, masses=self.sign_split)
+        return ConservationReport(list(self._rows), preset=self.preset, masses=self.sign_split,
+                                  residuals=self.residuals() if self._plan is not None else [])
+
+    def graph(self, tol: float = 1e-5, level: int = 1):
+        """The conservation debugger as a ``networkx.DiGraph`` (see :mod:`lrpgraph.graph`)."""
+        from .graph import build
+        return build(self, tol=tol, level=level)
+
+    def residuals(self) -> list:
+        """Forward cancellation C and backward amplification A at every residual addition
+        (see :mod:`lrpgraph.residuals`)."""
+        from .residuals import residuals
+        return residuals(self)
+
+    def sinks(self) -> Dict[str, Any]:
+        """Relevance kept by named sinks, per kind (``(K, B)`` arrays and ``"total"``; see
+        :mod:`lrpgraph.sinks`)."""
+        from .sinks import by_kind
+        return by_kind(self)
 
 
 class Explainer:
@@ -62,6 +93,9 @@ class Explainer:
         concrete_args: passed to ``torch.fx`` for arguments that drive control flow.
         output: which model output holds the logits when the model returns a tuple/list (an index)
             or a dict (a key); default the first element, or ``"logits"`` for dicts.
+        zero_bias: explain as if every bias were zero (layers' biases, BatchNorm's shift and
+            running mean): the standard check of a rule's conservation. Works on a copy; the
+            model is not modified (see :func:`lrpgraph.sinks.zero_bias_copy`).
 
     Example::
 
@@ -77,11 +111,15 @@ class Explainer:
 
     def __init__(self, model: nn.Module, rules: Union[str, Composite] = "abslrp", *,
                  leaf_modules: Iterable[Any] = (), concrete_args: Optional[Dict[str, Any]] = None,
-                 output: Union[int, str, None] = None):
+                 output: Union[int, str, None] = None, zero_bias: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.composite = get_composite(rules)
+        self.zero_bias = zero_bias
+        if zero_bias:
+            from .sinks import zero_bias_copy
+            model = zero_bias_copy(model)
         gm = trace(model, self.composite.has_rule, leaf_modules, concrete_args)
         self.graph_module = normalise(gm)
         if self.composite.canonize:
@@ -136,7 +174,7 @@ class Explainer:
 
     def __call__(self, x: Tensor, target: TargetLike = None, *, contrastive: bool = True,
                  output_relevance: Optional[Tensor] = None, extra_inputs: Sequence[Any] = (),
-                 report: bool = True, keep: Optional[Iterable[str]] = None) -> Explanation:
+                 report: bool = True, keep: Optional[Iterable[str]] = None, heads: bool = False) -> Explanation:
         """Explain a batch.
 
         Args:
@@ -149,14 +187,16 @@ class Explainer:
             extra_inputs: values for further placeholders of the traced model (masks, ids).
             report: collect the conservation statistics (cheap; off for the fastest runs).
             keep: node names whose incoming relevance is returned in ``Explanation.latent``.
+            heads: collect relevance per attention head in ``Explanation.heads`` (:mod:`lrpgraph.heads`).
         """
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[0] < 1:
             raise ValueError(f"x must have a batch dimension with at least one sample, got shape {tuple(x.shape)}")
         _check_eval(self.model)
+        fwd = ForwardSums(self.plan, x.shape[0]) if report else None  # residual ratio C
         try:
-            rec = record(self.plan, [x, *extra_inputs])
+            rec = record(self.plan, [x, *extra_inputs], observe=fwd)
         except (NoRuleError, ValueError):
             raise
         except Exception as exc:
@@ -181,8 +221,17 @@ class Explainer:
             finish = self.composite.start.finish
         with torch.no_grad():  # explicit tensor maths only: no autograd graph is built
             axes = self._batch_axes([x, *extra_inputs], rec) if report else None
+            keep_set = set(keep) if keep is not None else None
+            attn = attention_nodes(self.plan, rec.shapes) if heads else []
+            if attn:
+                keep_set = (keep_set or set()) | head_keep(attn)
+            shapes = {n.name: s for n, s in rec.shapes.items()} if report else {}
             res = walk(self.plan, rec, self._start_node, start, report=report, scratch=self._scratch, axes=axes,
-                       keep=set(keep) if keep is not None else None)
+                       keep=keep_set)
+        kept = res["kept"]
+        head_figs = collect(kept, attn) if attn else {}
+        if attn:
+            kept = {k: v for k, v in kept.items() if keep is not None and k in set(keep)}
         r_in = res["inputs"][0]
         if r_in is None:
             r_in = torch.zeros((start.shape[0],) + tuple(x.shape), dtype=logits.dtype, device=x.device)
@@ -193,8 +242,10 @@ class Explainer:
         if output_relevance is None and not multi:
             tgt = tgt[:, 0]
         return Explanation(relevance=rel, logits=logits, target=tgt, preset=self.preset,
-                           latent=res["kept"], absorbed=res["absorbed"], _rows=res["balance"],
-                           sign_split=self.composite.start.name == "signed")
+                           latent=kept, absorbed=res["absorbed"], _rows=res["balance"],
+                           sign_split=self.composite.start.name == "signed", heads=head_figs,
+                           _edges=res.get("edges", []), _plan=self.plan if report else None, _shapes=shapes,
+                           _forward=fwd.sums if fwd is not None else {})
 
     def _batch_axes(self, inputs: List[Any], rec) -> Optional[dict]:
         """The batch axis of every node for the report, probed once per input signature."""

@@ -7,7 +7,7 @@ freed. :func:`record` then runs the graph node by node under ``torch.no_grad()``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 from torch import Tensor, fx, nn
@@ -160,8 +160,11 @@ def _is_tensorish(v: Any) -> bool:
     return isinstance(v, Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(e, Tensor) for e in v))
 
 
-def record(plan: Plan, inputs: List[Any]) -> Recording:
-    """Run the graph once on ``inputs`` (one per placeholder), keeping what the rules need."""
+def record(plan: Plan, inputs: List[Any], observe: Optional[Callable[[fx.Node, Any, Dict[fx.Node, Any]], None]] = None
+           ) -> Recording:
+    """Run the graph once on ``inputs`` (one per placeholder), keeping what the rules need.
+    ``observe(node, value, env)``, if given, is called after every computed node, before anything
+    is freed (forward diagnostics such as :mod:`lrpgraph.residuals` read values there)."""
     missing = plan.placeholders[len(inputs):]
     if missing and all(p.args for p in missing):  # trailing inputs with defaults (timm: attn_mask=None)
         inputs = list(inputs) + [p.args[0] for p in missing]
@@ -193,6 +196,8 @@ def record(plan: Plan, inputs: List[Any]) -> Recording:
                     what = describe_target(node.op, node.target, plan.modules.get(node))
                     raise RuntimeError(f"node `{node.name}` ({what}) failed: {type(exc).__name__}: {exc}") from exc
             env[node] = val
+            if observe is not None:
+                observe(node, val, env)
             shp = _shape_of(val)
             if shp is not None:
                 shapes[node] = shp

@@ -160,6 +160,8 @@ class ConservationReport:
     rows: List[NodeBalance] = field(default_factory=list)
     preset: str = ""
     masses: bool = False
+    # forward cancellation C and backward amplification A per residual addition (lrpgraph.residuals)
+    residuals: list = field(default_factory=list)
 
     def __iter__(self) -> Iterator[NodeBalance]:
         return iter(self.rows)

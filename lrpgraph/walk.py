@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message
-from .report import NodeBalance, balance, stats
+from .report import NodeBalance, balance, relevance_stats, stats
 from .rule import NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1, unbroadcast
 
 
@@ -57,7 +57,11 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
     """Propagate ``start`` (``(K, *start_node_shape)``) from ``start_node`` to the inputs.
 
     Returns ``{"inputs": [relevance per placeholder], "balance": [NodeBalance], "absorbed":
-    {node name: relevance}, "kept": {node name: relevance}}``. ``keep`` names nodes whose
+    {node name: relevance}, "kept": {node name: relevance}, "edges": [edge figures]}``. With
+    ``report``, every delivery of relevance from a node to one of its input slots is an edge
+    ``(user, input, slot, sent, delivered)``: ``sent`` the (sum, pos, neg) per (pass, sample) of
+    what the rule sent (sign streams added, before any renormalisation), ``delivered`` the signed
+    sum that was added to the input's relevance (after renormalisation); see :mod:`lrpgraph.graph`. ``keep`` names nodes whose
     incoming relevance is returned as well (latent relevance, debugging). ``scratch`` holds the
     rules' temporary buffers (a new one if not given; an Explainer passes its own, kept between calls).
     ``axes``: the batch axis of every node's value (:func:`~lrpgraph.record.batch_axes`), which the
@@ -69,6 +73,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
     rows: List[NodeBalance] = []
     kept: Dict[str, Relevance] = {}
     absorbed: Dict[str, Relevance] = {}
+    edges: List[tuple] = []  # (user, input, slot, sent stats, delivered sum) when reporting
     placeholders = set(plan.placeholders)
     scratch = scratch if scratch is not None else Scratch()  # the rules' temporaries, node to node
     axes = axes or {}
@@ -115,7 +120,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                                 rule.name, r, out, B, delivered_pos=delivered.pop(node, None),
                                 note="renormalised to unit mass after this row" if rule.renormalise else "",
                                 axis=axes.get(node), out_axes=[axes.get(s) for s in slots]))
-        for s, o in zip(slots, out):
+        for j, (s, o) in enumerate(zip(slots, out)):
             if o is None:
                 continue
             if report and isinstance(o, (Tensor, Split)):
@@ -124,13 +129,17 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                     delivered[s] = delivered.get(s, 0) + stats(pos, B, _plain(axes.get(s)))[1]
             if isinstance(o, Split):
                 o = o.total()
+            sent = relevance_stats(o, B, axes.get(s)) if report else None
             if rule.renormalise and isinstance(o, Tensor):
                 o = unit_l1(o)
+            if sent is not None:
+                got = sent[0] if not rule.renormalise else relevance_stats(o, B, axes.get(s))[0]
+                edges.append((node.name, s.name, j, sent, got))
             rel[s] = _add(rel.get(s), o)
         rec.values.pop(node, None)
         out = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
     inputs = [rel.pop(p, None) for p in plan.placeholders]
-    return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept}
+    return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept, "edges": edges}
 
 
 def _plain(axis: Any) -> Optional[int]:
