@@ -14,20 +14,10 @@ import lrpgraph
 from lrpgraph import Explainer
 from lrpgraph.canonize import ConvBN
 from lrpgraph.export import ExportTraceError
+from test_engine import Branchy, randomise_bn  # Branchy: a branch on values (neither tracer)
 
 DT = torch.float64
 PRESETS = ["abslrp", "abslrp-renorm", "lrp-epsilon"]
-
-
-def randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.weight.data = torch.rand(m.weight.shape, generator=g, dtype=m.weight.dtype) + 0.5
-            m.bias.data = torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype) * 0.1
-            m.running_mean.data = torch.randn(m.running_mean.shape, generator=g, dtype=m.running_mean.dtype) * 0.1
-            m.running_var.data = torch.rand(m.running_var.shape, generator=g, dtype=m.running_var.dtype) + 0.5
-    return model
 
 
 def small_cnn() -> nn.Module:
@@ -191,23 +181,6 @@ def test_a_batch_size_change_reuses_the_export(timm):
     assert ex._exports.exports == 1
 
 
-class Gate(nn.Module):
-    def forward(self, x):
-        if x.sum() > 0:  # control flow on values: neither fx nor export can capture it
-            return x
-        return -x
-
-
-class Branchy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gate = Gate()
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(self.gate(x))
-
-
 def test_errors_name_both_tracers_and_what_to_do():
     ex = Explainer(Branchy().eval())
     with pytest.raises(RuntimeError, match="call it once"):
@@ -236,3 +209,41 @@ class Counting(nn.Module):
     def forward(self, x):
         self.calls += 1
         return self.fc(x)
+
+
+class OpZoo(nn.Module):
+    """Many op families in functional and method form, each lifted by its own ATen adapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = F.embedding(ids, self.emb.weight)                      # (B, N, 8), weight/ids swapped in ATen
+        x = F.leaky_relu(self.conv(x.transpose(1, 2)), 0.2).permute(0, 2, 1)
+        a, b = x.chunk(2, dim=-1)
+        x = torch.cat([torch.sigmoid(a) * 2.0, torch.tanh(b)], dim=-1) + F.silu(x)
+        q = self.fc(x).unsqueeze(1)                                 # (B, 1, N, 8)
+        s = torch.einsum("bhnd,bhmd->bhnm", q, q) / 4.0
+        s = s.masked_fill(ids[:, None, None, :] == 0, float("-inf"))
+        x = torch.bmm(torch.softmax(s, dim=-1).squeeze(1), x)      # (B, N, 8)
+        x = torch.stack([x[:, 0], x[:, 1:].mean(1)], dim=1).flatten(1)
+        x = F.avg_pool1d(x.unsqueeze(1), 2).squeeze(1)
+        return self.out(F.gelu(x.view(x.shape[0], -1), approximate="tanh"))
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "lrp-epsilon"])
+def test_every_lifted_op_family_matches_the_fx_path(preset):
+    model = OpZoo().eval().to(DT)
+    ids = torch.randint(1, 10, (3, 6))
+    ids[1, 4:] = 0
+    ee = Explainer(model, preset, tracer="export")
+    e_exp = ee(ids, target=[0, 1, 2])
+    ef = Explainer(model, preset, tracer="fx")
+    assert_same(e_exp.relevance, ef(ids, target=[0, 1, 2]).relevance)
+    # the only op without a rule on either path is the mask's comparison (it gets no relevance)
+    assert [str(n.target) for n in ee.plan.missing] == ["aten.eq.Scalar"]
+    assert [n.target.__name__ for n in ef.plan.missing] == ["eq"]
