@@ -87,6 +87,9 @@ class Explainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if tracer not in ("auto", "fx", "export"):
             raise ValueError(f"tracer must be 'auto', 'fx' or 'export', got {tracer!r}")
+        if tracer == "export" and concrete_args:
+            raise ValueError("concrete_args apply to the fx tracer only; torch.export follows the "
+                             "model's control flow on the example batch itself")
         self.model = model
         self.composite = get_composite(rules)
         self._output = output

@@ -193,6 +193,8 @@ def test_errors_name_both_tracers_and_what_to_do():
         Explainer(Branchy().eval(), tracer="export")(torch.randn(2, 4))
     with pytest.raises(ValueError, match="tracer must be"):
         Explainer(Branchy().eval(), tracer="jit")
+    with pytest.raises(ValueError, match="concrete_args apply to the fx tracer only"):
+        Explainer(Branchy().eval(), tracer="export", concrete_args={"x": 1})
     # a model that writes to its buffers in forward is refused, not modified
     counter = Counting().eval()
     with pytest.raises(ExportTraceError, match="writes to"):
