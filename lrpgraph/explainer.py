@@ -55,7 +55,8 @@ class Explainer:
 
     Args:
         model: any module that ``torch.fx`` or ``torch.export`` can trace, in eval mode. It is never
-            modified: the traced graph shares its parameters, and every rewrite happens on lrpgraph's own copy of the graph.
+            modified: the traced graph shares its parameters, and every rewrite happens on
+            lrpgraph's own copy of the graph.
         rules: a preset name (``"abslrp"``, ``"abslrp-renorm"``, ``"lrp-0"``, ``"lrp-epsilon"``,
             ``"lrp-gamma"``, ``"lrp-alpha1beta0"``, ``"lrp-alpha2beta1"``, ``"epsilon-plus-flat"``,
             ``"epsilon-gamma-box"``) or a :class:`~lrpgraph.registry.Composite`.
