@@ -65,8 +65,8 @@ class Explainer:
         output: which model output holds the logits when the model returns a tuple/list (an index)
             or a dict (a key); default the first element, or ``"logits"`` for dicts.
         tracer: ``"fx"`` (symbolic tracing, once, here), ``"export"`` (``torch.export`` on the
-            first batch of each input signature; the batch size stays dynamic where the model
-            allows; see :mod:`lrpgraph.export`) or ``"auto"`` (the default: fx, and export where fx
+            first batch; the batch size, and the length of token ids, stay dynamic where the model
+            allows, else a new input shape is exported again; see :mod:`lrpgraph.export`) or ``"auto"`` (the default: fx, and export where fx
             cannot trace the model, e.g. data-dependent control flow).
 
     Example::

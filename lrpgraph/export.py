@@ -328,8 +328,9 @@ def _verify(gm: fx.GraphModule, model: nn.Module, args: tuple) -> None:
 
 
 class ExportTraces:
-    """The export traces of one Explainer, one per input signature (the batch size is left out of
-    the signature when the export kept it dynamic), the most recent ``limit`` of them.
+    """The export traces of one Explainer, the most recent ``limit`` of them. A trace serves every
+    input that has its dtypes, devices and ranks and its sizes in the dims the export kept static:
+    a change of batch size (or of a token sequence's length) reuses it where the model allows.
 
     ``prepare(gm)`` turns a rebuilt graph into what the Explainer runs (passes, plan); ``fx_error``
     is the ``torch.fx`` failure that sent the model here, named again if export fails too.
@@ -339,42 +340,56 @@ class ExportTraces:
                  prepare: Callable[[fx.GraphModule], Any], fx_error: Optional[Exception] = None, limit: int = 8):
         self.model, self.has_rule, self.leaf_modules = model, has_rule, tuple(leaf_modules)
         self.prepare, self.fx_error, self.limit = prepare, fx_error, limit
-        self._cache: "OrderedDict[tuple, Any]" = OrderedDict()
-        self.exports = 0  # how many times the model was exported (a batch-size change reuses one)
+        self._cache: List[Tuple[list, Any]] = []  # (pattern per input, prepared trace), newest last
+        self.exports = 0  # how many times the model was exported
 
     @staticmethod
-    def _keys(inputs: List[Any]) -> Tuple[tuple, tuple]:
-        b = inputs[0].shape[0] if isinstance(inputs[0], Tensor) and inputs[0].dim() > 0 else None
-        full, free = [], []
-        for v in inputs:
-            if not isinstance(v, Tensor):
-                full.append(type(v))
-                free.append(type(v))
+    def _pattern(gm: fx.GraphModule) -> list:
+        """Per input: (sizes with ``None`` for dynamic dims, dtype, device) of the exported graph."""
+        out = []
+        for p in gm.graph.nodes:
+            if p.op != "placeholder":
                 continue
-            full.append((tuple(v.shape), v.dtype, v.device))
-            batched = v.dim() > 0 and v.shape[0] == b
-            free.append((tuple(v.shape[1:]) if batched else tuple(v.shape), batched, v.dtype, v.device))
-        return ("static",) + tuple(full), ("dynamic",) + tuple(free)
+            v = p.meta.get("val")
+            out.append(None if not isinstance(v, Tensor) else
+                       (tuple(None if isinstance(d, torch.SymInt) else int(d) for d in v.shape), v.dtype, v.device))
+        return out
+
+    @staticmethod
+    def _matches(pattern: list, inputs: List[Any]) -> bool:
+        if len(pattern) != len(inputs):
+            return False
+        for pat, v in zip(pattern, inputs):
+            if pat is None or not isinstance(v, Tensor):
+                return False
+            sizes, dtype, device = pat
+            if v.dtype != dtype or v.device.type != device.type or v.dim() != len(sizes):
+                return False
+            if any(s is not None and s != d for s, d in zip(sizes, v.shape)):
+                return False
+        return True
 
     def get(self, inputs: List[Any]) -> Any:
-        """The prepared trace for ``inputs``, exporting the model on first sight of their signature."""
-        static, dynamic = self._keys(inputs)
-        for key in (dynamic, static):
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
+        """The prepared trace for ``inputs``, exporting the model when no cached trace serves them."""
+        for i, (pattern, entry) in enumerate(self._cache):
+            if self._matches(pattern, inputs):
+                self._cache.append(self._cache.pop(i))
+                return entry
+        x = inputs[0]
+        # token ids (B, N): the sequence length may stay dynamic too
+        dims = (0, 1) if isinstance(x, Tensor) and x.dim() == 2 and not x.is_floating_point() else (0,)
         try:
-            gm, is_dynamic = export_graph(self.model, inputs, self.has_rule, self.leaf_modules)
+            gm, _ = export_graph(self.model, inputs, self.has_rule, self.leaf_modules, dims=dims)
         except ExportTraceError as exc:
             if self.fx_error is None:
                 raise
             raise ExportTraceError(f"cannot trace the model with torch.fx nor with torch.export.\n"
                                    f"torch.fx: {self.fx_error}\ntorch.export: {exc}") from exc
         self.exports += 1
+        pattern = self._pattern(gm)
         gm = normalise(gm)  # the passes first, so that the nodes they insert get module paths too
         inherit_module_paths(gm)
         entry = self.prepare(gm)
-        self._cache[dynamic if is_dynamic else static] = entry
-        while len(self._cache) > self.limit:
-            self._cache.popitem(last=False)
+        self._cache.append((pattern, entry))
+        del self._cache[:-self.limit]
         return entry

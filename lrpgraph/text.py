@@ -10,7 +10,7 @@ parameters and that :class:`lrpgraph.Explainer` accepts like any model::
     e.relevance                       # (B, N): one value per token
 
 (``lrpgraph.Explainer(model, output="logits")`` on the Hugging Face model itself works too: its
-``"auto"`` tracer falls back to export, once per input shape.) This needs no tracer of
+``"auto"`` tracer falls back to export, with the same dynamic dims.) This needs no tracer of
 transformers' own, so it works with transformers 5.x, which dropped ``transformers.utils.fx``.
 
 The embedding rule sums the relevance over the embedding dim, so the ``input_ids`` input gets

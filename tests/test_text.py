@@ -87,6 +87,11 @@ def test_hf_model_explained_directly_through_auto_export(classifier):
     e = ex(ids, extra_inputs=[mask])
     ref = lrpgraph.Explainer(gm, rules="abslrp", output="logits")(ids, extra_inputs=[mask])
     torch.testing.assert_close(e.relevance, ref.relevance, rtol=1e-9, atol=1e-12)
+    ids2, mask2 = batch(B=2, N=5)  # batch size and sequence length stay dynamic: no second export
+    torch.testing.assert_close(ex(ids2, extra_inputs=[mask2]).relevance,
+                               lrpgraph.Explainer(gm, output="logits")(ids2, extra_inputs=[mask2]).relevance,
+                               rtol=1e-9, atol=1e-12)
+    assert ex._exports.exports == 1
     assert e.conservation().leaks(1e-5) == []
     names = {r.name for r in e.conservation()}
     assert "bert_encoder_layer_1_attention_self_query" in names  # module paths, not ATen counters
