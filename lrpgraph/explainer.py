@@ -17,7 +17,8 @@ from .residuals import ForwardSums
 from .registry import Composite, get_composite
 from .report import ConservationReport, NodeBalance
 from .rule import Scratch, describe_target
-from .trace import trace
+from .export import ExportTraces
+from .trace import LRPTraceError, trace
 from .walk import walk
 
 TargetLike = Union[None, int, Sequence[int], Tensor]
@@ -84,8 +85,9 @@ class Explainer:
     """Trace ``model`` once and explain batches with a rule preset.
 
     Args:
-        model: any ``torch.fx``-traceable module, in eval mode. It is never modified: the traced
-            graph shares its parameters, and every rewrite happens on lrpgraph's own copy of the graph.
+        model: any module that ``torch.fx`` or ``torch.export`` can trace, in eval mode. It is never
+            modified: the traced graph shares its parameters, and every rewrite happens on
+            lrpgraph's own copy of the graph.
         rules: a preset name (``"abslrp"``, ``"abslrp-renorm"``, ``"lrp-0"``, ``"lrp-epsilon"``,
             ``"lrp-gamma"``, ``"lrp-alpha1beta0"``, ``"lrp-alpha2beta1"``, ``"epsilon-plus-flat"``,
             ``"epsilon-gamma-box"``) or a :class:`~lrpgraph.registry.Composite`.
@@ -96,6 +98,10 @@ class Explainer:
         zero_bias: explain as if every bias were zero (layers' biases, BatchNorm's shift and
             running mean): the standard check of a rule's conservation. Works on a copy; the
             model is not modified (see :func:`lrpgraph.sinks.zero_bias_copy`).
+        tracer: ``"fx"`` (symbolic tracing, once, here), ``"export"`` (``torch.export`` on the
+            first batch; the batch size, and the length of token ids, stay dynamic where the model
+            allows, else a new input shape is exported again; see :mod:`lrpgraph.export`) or ``"auto"`` (the default: fx, and export where fx
+            cannot trace the model, e.g. data-dependent control flow).
 
     Example::
 
@@ -111,33 +117,64 @@ class Explainer:
 
     def __init__(self, model: nn.Module, rules: Union[str, Composite] = "abslrp", *,
                  leaf_modules: Iterable[Any] = (), concrete_args: Optional[Dict[str, Any]] = None,
-                 output: Union[int, str, None] = None, zero_bias: bool = False):
+                 output: Union[int, str, None] = None, zero_bias: bool = False,
+                 tracer: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if tracer not in ("auto", "fx", "export"):
+            raise ValueError(f"tracer must be 'auto', 'fx' or 'export', got {tracer!r}")
+        if tracer == "export" and concrete_args:
+            raise ValueError("concrete_args apply to the fx tracer only; torch.export follows the "
+                             "model's control flow on the example batch itself")
         self.model = model
         self.composite = get_composite(rules)
         self.zero_bias = zero_bias
         if zero_bias:
             from .sinks import zero_bias_copy
             model = zero_bias_copy(model)
-        gm = trace(model, self.composite.has_rule, leaf_modules, concrete_args)
-        self.graph_module = normalise(gm)
-        if self.composite.canonize:
-            fold_batchnorm(self.graph_module)
-        self.plan = compile_plan(self.graph_module, self.composite)
-        self._start_node = self._output_node(output)
-        self.plan.keep.add(self._start_node)  # the logits are always kept
+        self._output = output
         # the rules' temporary buffers, kept between calls: a second call reuses the memory
         # instead of page-faulting it in again (about one block's temporaries stay allocated)
         self._scratch = Scratch()
         self._axes: dict = {}  # input signature -> batch axis per node (for the report)
+        self.graph_module: Optional[fx.GraphModule] = None
+        self.plan = None
+        self._start_node: Optional[fx.Node] = None
+        self._exports: Optional[ExportTraces] = None
+        fx_error = None
+        if tracer != "export":
+            try:
+                gm = trace(model, self.composite.has_rule, leaf_modules, concrete_args)
+            except LRPTraceError as exc:
+                if tracer == "fx":
+                    raise
+                fx_error = exc
+            else:
+                self.graph_module, self.plan, self._start_node, self._axes = self._prepare(gm)
+        if self.plan is None:  # traced per input signature, on the first batch of each
+            self._exports = ExportTraces(model, self.composite.has_rule, leaf_modules, self._prepare, fx_error)
+
+    @property
+    def tracer(self) -> str:
+        """Which tracer serves this Explainer: ``"fx"`` or ``"export"``."""
+        return "fx" if self._exports is None else "export"
+
+    def _prepare(self, gm: fx.GraphModule) -> tuple:
+        """Passes, BatchNorm folding and the plan of a traced graph: (graph, plan, logits node, axes)."""
+        gm = normalise(gm)
+        if self.composite.canonize:
+            fold_batchnorm(gm)
+        plan = compile_plan(gm, self.composite)
+        start = self._output_node(plan, self._output)
+        plan.keep.add(start)  # the logits are always kept
+        return gm, plan, start, {}
 
     @property
     def preset(self) -> str:
         return self.composite.name
 
-    def _output_node(self, output) -> fx.Node:
-        res = self.plan.output_node.args[0]
+    def _output_node(self, plan, output) -> fx.Node:
+        res = plan.output_node.args[0]
         if isinstance(res, fx.Node):
             if output not in (None, 0):
                 raise ValueError(f"the model returns a single tensor; output={output!r} does not apply")
@@ -161,7 +198,11 @@ class Explainer:
 
     def coverage(self) -> List[tuple]:
         """``(node, op, rule name or "MISSING")`` for every computing node of the traced graph, in
-        forward order: which rule each op gets under this preset, before anything is run."""
+        forward order: which rule each op gets under this preset, before anything is run (with the
+        export tracer: of the graph of the last explained batch)."""
+        if self.plan is None:
+            raise RuntimeError("this Explainer uses torch.export, which traces on the first batch: "
+                               "call it once on an input before asking for coverage()")
         rows = []
         for n in self.plan.nodes:
             if n.op not in ("call_module", "call_function", "call_method"):
@@ -194,6 +235,8 @@ class Explainer:
         if x.dim() < 1 or x.shape[0] < 1:
             raise ValueError(f"x must have a batch dimension with at least one sample, got shape {tuple(x.shape)}")
         _check_eval(self.model)
+        if self._exports is not None:  # the export trace of this input signature (made on first sight)
+            self.graph_module, self.plan, self._start_node, self._axes = self._exports.get([x, *extra_inputs])
         fwd = ForwardSums(self.plan, x.shape[0]) if report else None  # residual ratio C
         try:
             rec = record(self.plan, [x, *extra_inputs], observe=fwd)
@@ -311,7 +354,8 @@ def _targets(target: TargetLike, logits: Tensor):
 
 
 def explain(model: nn.Module, x: Tensor, target: TargetLike = None, rules: Union[str, Composite] = "abslrp",
-            contrastive: bool = True) -> Tensor:
+            contrastive: bool = True, tracer: str = "auto") -> Tensor:
     """Explain ``model`` on ``x``: relevance shaped like ``x`` (``(B, T, ...)`` for ``(B, T)`` targets),
-    on ``x``'s device and dtype. Traces the model on every call; use :class:`Explainer` to reuse."""
-    return Explainer(model, rules=rules)(x, target, contrastive=contrastive, report=False).relevance
+    on ``x``'s device and dtype. Traces the model on every call; use :class:`Explainer` to reuse.
+    ``tracer``: ``"auto"`` (fx, else torch.export), ``"fx"`` or ``"export"`` (see :class:`Explainer`)."""
+    return Explainer(model, rules=rules, tracer=tracer)(x, target, contrastive=contrastive, report=False).relevance

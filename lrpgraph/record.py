@@ -126,12 +126,14 @@ def _is_shape_query(n: fx.Node) -> bool:
 def no_rule_message(node: fx.Node, module: Optional[nn.Module], preset: str) -> str:
     what = describe_target(node.op, node.target, module)
     where = f" (module `{node.target}`)" if node.op == "call_module" else ""
+    if node.op != "call_module" and node.meta.get("lrp_module"):  # the export tracer knows the module
+        where = " in module `{}` ({})".format(*node.meta["lrp_module"])
     if node.op == "call_module":
         key = type(module).__qualname__
     elif node.op == "call_method":
         key = repr(node.target)
     else:
-        key = what
+        key = f"torch.ops.{what}" if isinstance(node.target, torch._ops.OpOverload) else what
     return (f"no rule for `{what}` at node `{node.name}`{where} in preset {preset!r}; register one "
             f"with @lrpgraph.register_rule({key}) (see lrpgraph.rules for examples), or assign one "
             f"with a Composite override")
@@ -194,7 +196,9 @@ def record(plan: Plan, inputs: List[Any], observe: Optional[Callable[[fx.Node, A
                     val = _run(plan, node, env)
                 except Exception as exc:
                     what = describe_target(node.op, node.target, plan.modules.get(node))
-                    raise RuntimeError(f"node `{node.name}` ({what}) failed: {type(exc).__name__}: {exc}") from exc
+                    mod = node.meta.get("lrp_module")
+                    where = f" in module `{mod[0]}`" if mod else ""
+                    raise RuntimeError(f"node `{node.name}` ({what}){where} failed: {type(exc).__name__}: {exc}") from exc
             env[node] = val
             if observe is not None:
                 observe(node, val, env)

@@ -90,9 +90,11 @@ class RuleTable:
             return self.module_rule(module)
         if op == "call_function":
             try:
-                return self.functions.get(target)
+                rule = self.functions.get(target)
             except TypeError:  # unhashable target
                 return None
+            packet = getattr(target, "overloadpacket", None)  # an ATen overload: its packet's rule
+            return self.functions.get(packet) if rule is None and packet is not None else rule
         if op == "call_method":
             return self.methods.get(target)
         return None

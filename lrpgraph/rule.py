@@ -74,10 +74,14 @@ class NodeContext:
     cache: dict = field(default_factory=dict)
     #: reusable temporary buffers shared by the nodes of one walk (see :func:`temp`)
     scratch: Optional["Scratch"] = None
+    #: ``(dotted path, type name)`` of the model's module that ran this node, where the tracer
+    #: knows it (the export tracer); named in error messages
+    module_path: Optional[tuple] = None
 
     def describe(self) -> str:
-        """A short human description: ``node `x` (torch.roll)``."""
-        return f"node `{self.name}` ({describe_target(self.op, self.target, self.module)})"
+        """A short human description: ``node `x` (torch.roll)``, plus the module that ran it."""
+        where = f" in module `{self.module_path[0]}` ({self.module_path[1]})" if self.module_path else ""
+        return f"node `{self.name}` ({describe_target(self.op, self.target, self.module)}){where}"
 
 
 def memo(ctx: NodeContext, key: str, fn: Callable[[], Any]) -> Any:
@@ -382,6 +386,8 @@ def describe_target(op: str, target: Any, module: Optional[nn.Module] = None) ->
     if op == "call_method":
         return f"Tensor.{target}"
     if op == "call_function":
+        if isinstance(target, torch._ops.OpOverload):
+            return str(target)  # aten.roll.default
         mod = getattr(target, "__module__", None) or ""
         name = getattr(target, "__name__", None) or getattr(target, "__qualname__", repr(target))
         if mod in ("_operator", "operator"):

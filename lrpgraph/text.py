@@ -1,20 +1,24 @@
 """Text models: Hugging Face encoders traced into lrpgraph's graph, token-level relevance.
 
 Hugging Face models cannot be traced by plain ``torch.fx`` (their forward branches on argument
-values); :func:`trace_hf` uses transformers' own fx tracer (``transformers.utils.fx``, present in
-transformers 4.x; install the ``text`` extra) and returns a ``GraphModule`` that shares the model's
+values). :func:`trace_hf` captures them with ``torch.export`` (see :mod:`lrpgraph.export`), with the
+batch size and the sequence length dynamic, and returns a ``GraphModule`` that shares the model's
 parameters and that :class:`lrpgraph.Explainer` accepts like any model::
 
     gm = lrpgraph.text.trace_hf(model, ["input_ids", "attention_mask"])
     e = lrpgraph.Explainer(gm, output="logits")(ids, extra_inputs=[mask])
     e.relevance                       # (B, N): one value per token
 
+(``lrpgraph.Explainer(model, output="logits")`` on the Hugging Face model itself works too: its
+``"auto"`` tracer falls back to export, with the same dynamic dims.) This needs no tracer of
+transformers' own, so it works with transformers 5.x, which dropped ``transformers.utils.fx``.
+
 The embedding rule sums the relevance over the embedding dim, so the ``input_ids`` input gets
 one value per token. :func:`similarity_graph` builds, from an encoder, a model whose output is the
 cosine similarity of two sentence embeddings (mean pooling over the tokens, as sentence-transformers
 does), to explain which tokens of both sentences make them similar.
 
-Nothing here imports transformers until :func:`trace_hf` is called.
+Nothing here imports transformers.
 """
 from __future__ import annotations
 
@@ -36,29 +40,34 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * w.unsqueeze(-1)).sum(dim=-2)
 
 
-def trace_hf(model: nn.Module, input_names: Sequence[str] = ("input_ids", "attention_mask")) -> fx.GraphModule:
-    """Trace a Hugging Face model with transformers' fx tracer.
+def trace_hf(model: nn.Module, input_names: Sequence[str] = ("input_ids", "attention_mask"),
+             example: Optional[Sequence[Tensor]] = None) -> fx.GraphModule:
+    """Capture a Hugging Face model with ``torch.export`` as a graph lrpgraph explains.
 
-    The returned ``GraphModule`` shares parameters, buffers and submodules with ``model`` and has
-    its training flag; the model itself is left as it was (the tracer's change of
-    ``config.use_cache`` is undone).
+    The model is called with its inputs positionally, in the order of ``input_names`` (the order of
+    its ``forward`` arguments). ``example`` gives one input per name; by default token ids of 1 and
+    a mask of ones, shaped ``(2, 8)`` (any value works: the graph does not depend on it). Batch size
+    and sequence length stay dynamic where the model allows, so the graph serves any ``(B, N)``
+    (up to the model's position limit). The returned ``GraphModule`` shares the model's parameters,
+    buffers and leaf modules; the model itself is left as it was.
 
     Raises:
-        ImportError: transformers (4.x, with ``transformers.utils.fx``) is not installed.
+        lrpgraph.export.ExportTraceError: the model could not be exported (naming why).
     """
-    try:
-        from transformers.utils.fx import symbolic_trace
-    except ImportError as exc:  # transformers missing, or 5.x (no fx tracer)
-        raise ImportError("tracing a Hugging Face model needs transformers 4.x with transformers.utils.fx: "
-                          "pip install 'lrpgraph[text]' (with -c constraints.txt)") from exc
+    from .export import export_graph
+    from .registry import get_composite
+
+    if example is None:
+        example = [torch.ones(2, 8, dtype=torch.long) for _ in input_names]
+    if len(example) != len(input_names):
+        raise ValueError(f"example has {len(example)} inputs for input_names {list(input_names)}")
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     try:
-        gm = symbolic_trace(model, input_names=list(input_names))
+        gm, _ = export_graph(model, list(example), get_composite("abslrp").has_rule, dims=(0, 1))
     finally:
         if config is not None and use_cache is not None:
             config.use_cache = use_cache
-    _copy_training(gm, model)
     return gm
 
 
@@ -74,7 +83,7 @@ def similarity_graph(encoder: nn.Module, key: Any = "last_hidden_state",
     token of each sentence. Explain it with ``output_relevance=torch.ones(B, 1)``.
 
     Args:
-        encoder: a Hugging Face encoder (``BertModel``; traced with :func:`trace_hf`) or an
+        encoder: a Hugging Face encoder (``BertModel``; captured with :func:`trace_hf`) or an
             already traced ``GraphModule`` taking ``(input_ids, attention_mask)`` ``(B, N)``.
         key: the entry of the encoder's output holding the token states ``(B, N, D)`` (a dict key
             or tuple index; ignored if the encoder returns a tensor).

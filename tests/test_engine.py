@@ -249,7 +249,7 @@ class Gate(nn.Module):
 
 def test_untraceable_model_names_module_and_leaf_fix():
     with pytest.raises(lrpgraph.LRPTraceError) as err:
-        Explainer(Branchy().eval())
+        Explainer(Branchy().eval(), tracer="fx")
     msg = str(err.value)
     assert "`gate`" in msg and "Gate" in msg and "leaf_modules=['gate']" in msg
 

