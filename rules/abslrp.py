@@ -141,6 +141,9 @@ class AbsAffine(AbsLRP):
 
     def __call__(self, ctx, relevance):
         linear = isinstance(ctx.module, nn.Linear) or ctx.target is F.linear
+        if linear and self.variant == "paper" and self.divide and ctx.options.get("out_groups") is not None:
+            from .abslrp_routing import grouped_affine  # a fused projection split into chunks
+            return grouped_affine(self, ctx, relevance, ctx.options["out_groups"])
         if self.variant != "paper" or ctx.report or not self.divide or not linear:
             return super().__call__(ctx, relevance)
         # the one-pass form (see above): no second sign stream

@@ -1,0 +1,178 @@
+"""absLRP on routing ops and on fused projections (the paper-era code's treatment).
+
+**Identity-like routing.** The paper-era absLRP code wraps every re-arrangement of an
+activation (head split and merge, patch flatten, class-token concat and select) as a layer of its
+own whose absolute twin is ``|h|``: with ``S = R / (|h| + 1e-9)`` the relevance of an input entry
+is ``x * route((1 + sign h) S) = route(2 h+ S)``, i.e. the routed relevance goes only to the
+positive entries (doubled), and the positive and negative masses are then conserved per node, as
+for every absLRP layer. :class:`AbsRouting` gives a structural rule (any
+:class:`~lrpgraph.rules.structural.Structural` subclass: its ``route`` is the exact transposed data
+movement) that treatment. Constant slots (a class token, a parameter) take nothing: their share
+goes to the activation, as the reference's concatenation does. Chains of routing ops give the same
+map as one (the rule is idempotent on the positive entries).
+
+Which routing rules get it is a class flag of :class:`Structural`:
+
+* ``abslrp`` (paper era): every structural rule with ``moves_data = True`` (the default; pure
+  pass-through such as Identity, Dropout and dtype casts sets it ``False``).
+* ``abslrp-renorm`` (current code): only selections that drop entries (``selects = True``, e.g.
+  indexing such as the class-token select ``x[:, 0]``); the current code re-arranges heads, q/k/v
+  and patches exactly, inside its explain functions, and wraps only the token select as a layer.
+
+**Fused projections.** The paper-era code explains q, k and v as three Linear layers, each
+conserving its own positive and negative mass. For a Linear node whose output the graph splits
+into chunks (found by :mod:`lrpgraph.projections`, ``ctx.options["out_groups"]``), the paper
+variant conserves per chunk and adds the chunks' input relevance, so fusing q/k/v in a model does
+not change its explanation.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from lrpgraph import projections as _projections  # noqa: F401  (registers the pass)
+from lrpgraph.registry import RuleTable
+from lrpgraph.rule import EPS, NodeContext, Split, _ratio, expand_stats, sample_sum
+
+from .abslrp import AbsLRP
+from .structural import Structural
+
+
+class AbsRouting(AbsLRP):
+    """The identity-like absLRP rule around an exact routing rule ``inner`` (see the module doc).
+
+    Nodes whose value or input is a tuple (``unbind``, ``getitem`` of a tuple) are routed exactly:
+    the tensors around them get the rule.
+    """
+
+    kind = "abslrp.routing"
+    signs_known = True
+
+    def __init__(self, inner: Structural, variant: str = "paper"):
+        super().__init__(variant)
+        self.inner = inner
+
+    @property
+    def name(self) -> str:
+        return f"abslrp.routing[{self.variant}]({self.inner.name})"
+
+    def _applies(self, ctx: NodeContext, relevance) -> bool:
+        if not isinstance(relevance, Tensor) or not isinstance(ctx.output, Tensor):
+            return False
+        acts = [v for v, c in zip(ctx.inputs, ctx.is_parameter) if not c]
+        return bool(acts) and all(isinstance(v, Tensor) for v in acts)
+
+    def contributions(self, ctx, s):
+        """``2 x+ / (|x| + eps) * route(s)`` per activation slot: the routed entries of ``h`` are
+        copies of entries of ``x``, so ``x * route((1 + sign h) s / (|h| + eps))`` is this."""
+        routed = self.inner(ctx, s)
+        return [None if r is None or c or not isinstance(x, Tensor) else
+                _gain(x) * (r.total() if isinstance(r, Split) else r)
+                for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
+
+    def __call__(self, ctx, relevance):
+        if isinstance(relevance, list) and isinstance(ctx.output, (tuple, list)):
+            # a split into several tensors (unbind, chunk): each piece is a tensor of its own
+            # (q, k, v), weighed and conserved on its own before the exact routing
+            pieces = [r if r is None or not isinstance(h, Tensor) else
+                      self._weigh([_gain(h)], [r])[0] for r, h in zip(relevance, ctx.output)]
+            return self.inner(ctx, pieces)
+        if not self._applies(ctx, relevance):
+            return self.inner(ctx, relevance)
+        # route exactly first, then weigh on the input side (whose batch axis is dim 0 here, unlike
+        # a permuted output such as timm's (3, B, heads, N, d) q/k/v stack)
+        routed = [None if r is None else r.total() if isinstance(r, Split) else r
+                  for r in self.inner(ctx, relevance)]
+        gains = [None if r is None or c or not isinstance(x, Tensor) else _gain(x)
+                 for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
+        return self._weigh(gains, routed)
+
+    def _weigh(self, gains: list, routed: list) -> list:
+        """``gain * relevance`` per slot; paper: each sign's mass (of everything routed,
+        constant slots included) conserved over the slots with a gain."""
+        if self.variant != "paper":
+            return [None if g is None else g * r for g, r in zip(gains, routed)]
+        live = [(g, r) for g, r in zip(gains, routed) if g is not None]
+        if not live:
+            return [None] * len(routed)
+        # the masses of everything routed (constant slots included: their share moves to x)
+        pos = sum(sample_sum(r.clamp(min=0)) for r in routed if r is not None)
+        neg = sum(sample_sum(r.clamp(max=0)) for r in routed if r is not None).abs()
+        tp = sum(sample_sum(g * r.clamp(min=0)) for g, r in live)
+        tn = sum(sample_sum(g * r.clamp(max=0)) for g, r in live).abs()
+        a, b = _ratio(pos, tp), _ratio(neg, tn)
+        return [None if g is None else
+                g * (r.clamp(min=0) * expand_stats(a, r) + r.clamp(max=0) * expand_stats(b, r))
+                for g, r in zip(gains, routed)]
+
+
+def _gain(x: Tensor) -> Tensor:
+    """``2 x+ / (|x| + eps)``: 2 on positive entries, 0 elsewhere (up to eps)."""
+    return x.clamp(min=0).mul_(2).div_(x.abs().add_(EPS))
+
+
+def absolute_routing(table: RuleTable, variant: str) -> RuleTable:
+    """``table`` with its structural rules wrapped in :class:`AbsRouting` where the variant's
+    flag says so (``moves_data`` for ``"paper"``, ``selects`` for ``"head"``)."""
+    flag = "moves_data" if variant == "paper" else "selects"
+    wrapped: dict = {}
+
+    def wrap(rule):
+        if isinstance(rule, Structural) and getattr(rule, flag, False):
+            if id(rule) not in wrapped:
+                wrapped[id(rule)] = AbsRouting(rule, variant)
+            return wrapped[id(rule)]
+        return rule
+
+    out = RuleTable()
+    for part in ("modules", "functions", "methods"):
+        setattr(out, part, {k: wrap(r) for k, r in getattr(table, part).items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# fused projections, paper variant: conserve per output chunk
+
+
+def _group_sums(t: Tensor, w: Tensor, onehot: Tensor) -> Tensor:
+    """``sum over entries of chunk g of t * w`` per (k, sample, g): ``(K, B, G)``."""
+    tw = (t * w).reshape(t.shape[0], t.shape[1], -1, t.shape[-1]).sum(2)
+    return tw @ onehot
+
+
+def grouped_affine(rule, ctx: NodeContext, relevance: Tensor, groups: Tensor) -> list:
+    """The paper-variant affine rule with the positive and negative mass conserved per chunk of
+    output features (``groups``: the chunk id of each feature), the chunks' results added."""
+    groups = groups.to(relevance.device)
+    G = int(groups.max()) + 1
+    onehot = torch.nn.functional.one_hot(groups, G).to(relevance.dtype)  # (F, G)
+    if ctx.report:  # each chunk as its own relevance rows, measured as streams
+        shape = (G, 1) + (1,) * (relevance.dim() - 2) + (onehot.shape[0],)
+        stacked = (relevance.unsqueeze(0) * onehot.T.reshape(shape)).reshape((-1,) + tuple(relevance.shape[1:]))
+        k = relevance.shape[0]
+        out = AbsLRP.__call__(rule, ctx, stacked)
+        fold = lambda t: None if t is None else t.reshape((G, k) + tuple(t.shape[1:])).sum(0)  # noqa: E731
+        return [None if o is None else Split(fold(o.pos), fold(o.neg)) if isinstance(o, Split) else fold(o)
+                for o in out]
+    den = rule.denominator(ctx).clone()
+    s = relevance / den
+    sp = s.clamp(min=0)
+    c = rule.column_mass(ctx)
+    p = _group_sums(sp, den, onehot)
+    n = (_group_sums(s, den, onehot) - p).abs()
+    mp = _group_sums(sp, c, onehot)
+    mn = (_group_sums(s, c, onehot) - mp).abs()
+    bshape = (s.shape[0], s.shape[1]) + (1,) * (s.dim() - 3) + (s.shape[-1],)
+    a = _ratio(p, mp)[..., groups].reshape(bshape)
+    b = _ratio(n, mn)[..., groups].reshape(bshape)
+    return rule.contributions(ctx, sp * a + (s - sp) * b)
+
+
+def out_groups(ctx: NodeContext) -> Optional[Tensor]:
+    """The output chunks of a fused projection, if the graph splits this node's output."""
+    return ctx.options.get("out_groups")
+
+
+__all__: List[str] = ["AbsRouting", "absolute_routing", "grouped_affine", "out_groups"]
