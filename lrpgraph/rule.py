@@ -74,6 +74,11 @@ class NodeContext:
     cache: dict = field(default_factory=dict)
     #: reusable temporary buffers shared by the nodes of one walk (see :func:`temp`)
     scratch: Optional["Scratch"] = None
+    #: the fx node, the walk's plan and recording: for the few rules that need the graph around
+    #: their node (abslrp-renorm's residual rule walks the branch, see rules/residual.py)
+    node: Any = None
+    plan: Any = None
+    rec: Any = None
 
     def describe(self) -> str:
         """A short human description: ``node `x` (torch.roll)``."""

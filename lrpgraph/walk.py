@@ -47,7 +47,7 @@ def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool
         inputs=[vals.get(s) for s in slots], input_shapes=[shapes.get(s) for s in slots],
         output=vals.get(node), output_shape=shapes.get(node), batch_size=rec.batch_size,
         is_parameter=[s.op == "get_attr" or s not in plan.live for s in slots], options=plan.options.get(node, {}),
-        report=report, scratch=scratch,
+        report=report, scratch=scratch, node=node, plan=plan, rec=rec,
     )
 
 

@@ -43,6 +43,11 @@ from .structural import Structural
 class AbsRouting(AbsLRP):
     """The identity-like absLRP rule around an exact routing rule ``inner`` (see the module doc).
 
+    The routed entries of ``h`` are copies of entries of ``x``, so ``x * route((1 + sign h) S)``
+    equals ``2 x+ / (|x| + eps) * route(R)``: the relevance is routed exactly, then weighed on the
+    input side (whose batch axis is dim 0 even where the output's is not, as for timm's
+    ``(3, B, heads, N, d)`` q/k/v stack) and each sign's mass conserved there.
+
     Nodes whose value or input is a tuple (``unbind``, ``getitem`` of a tuple) are routed exactly:
     the tensors around them get the rule.
     """
@@ -62,50 +67,58 @@ class AbsRouting(AbsLRP):
         if not isinstance(relevance, Tensor) or not isinstance(ctx.output, Tensor):
             return False
         acts = [v for v, c in zip(ctx.inputs, ctx.is_parameter) if not c]
-        return bool(acts) and all(isinstance(v, Tensor) for v in acts)
-
-    def contributions(self, ctx, s):
-        """``2 x+ / (|x| + eps) * route(s)`` per activation slot: the routed entries of ``h`` are
-        copies of entries of ``x``, so ``x * route((1 + sign h) s / (|h| + eps))`` is this."""
-        routed = self.inner(ctx, s)
-        return [None if r is None or c or not isinstance(x, Tensor) else
-                _gain(x) * (r.total() if isinstance(r, Split) else r)
-                for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
+        return bool(acts) and all(isinstance(v, Tensor) and v.is_floating_point() for v in acts)
 
     def __call__(self, ctx, relevance):
         if isinstance(relevance, list) and isinstance(ctx.output, (tuple, list)):
             # a split into several tensors (unbind, chunk): each piece is a tensor of its own
             # (q, k, v), weighed and conserved on its own before the exact routing
-            pieces = [r if r is None or not isinstance(h, Tensor) else
+            pieces = [r if r is None or not isinstance(h, Tensor) or not h.is_floating_point() else
                       self._weigh([_gain(h)], [r])[0] for r, h in zip(relevance, ctx.output)]
             return self.inner(ctx, pieces)
         if not self._applies(ctx, relevance):
             return self.inner(ctx, relevance)
-        # route exactly first, then weigh on the input side (whose batch axis is dim 0 here, unlike
-        # a permuted output such as timm's (3, B, heads, N, d) q/k/v stack)
-        routed = [None if r is None else r.total() if isinstance(r, Split) else r
-                  for r in self.inner(ctx, relevance)]
+        routed = list(self.inner(ctx, relevance))  # Split where copies were summed (expand)
         gains = [None if r is None or c or not isinstance(x, Tensor) else _gain(x)
                  for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
         return self._weigh(gains, routed)
 
     def _weigh(self, gains: list, routed: list) -> list:
         """``gain * relevance`` per slot; paper: each sign's mass (of everything routed,
-        constant slots included) conserved over the slots with a gain."""
+        constant slots included) conserved over the slots with a gain. A :class:`Split` (copies
+        of one entry summed, as for ``expand``) keeps its streams apart."""
         if self.variant != "paper":
-            return [None if g is None else g * r for g, r in zip(gains, routed)]
-        live = [(g, r) for g, r in zip(gains, routed) if g is not None]
+            return [None if g is None or r is None else
+                    g * (r.total() if isinstance(r, Split) else r) for g, r in zip(gains, routed)]
+        parts = [None if r is None else (r.pos, r.neg) if isinstance(r, Split) else (r.clamp(min=0), r.clamp(max=0))
+                 for r in routed]
+        live = [(g, p) for g, p in zip(gains, parts) if g is not None and p is not None]
         if not live:
             return [None] * len(routed)
+        mass = lambda t: 0 if t is None else sample_sum(t)  # noqa: E731
         # the masses of everything routed (constant slots included: their share moves to x)
-        pos = sum(sample_sum(r.clamp(min=0)) for r in routed if r is not None)
-        neg = sum(sample_sum(r.clamp(max=0)) for r in routed if r is not None).abs()
-        tp = sum(sample_sum(g * r.clamp(min=0)) for g, r in live)
-        tn = sum(sample_sum(g * r.clamp(max=0)) for g, r in live).abs()
-        a, b = _ratio(pos, tp), _ratio(neg, tn)
-        return [None if g is None else
-                g * (r.clamp(min=0) * expand_stats(a, r) + r.clamp(max=0) * expand_stats(b, r))
-                for g, r in zip(gains, routed)]
+        pos = sum(mass(p[0]) for p in parts if p is not None)
+        neg = abs(sum(mass(p[1]) for p in parts if p is not None))
+        tp = sum(mass(None if p[0] is None else g * p[0]) for g, p in live)
+        tn = abs(sum(mass(None if p[1] is None else g * p[1]) for g, p in live))
+        a, b = _ratio(_t(pos), _t(tp)), _ratio(_t(neg), _t(tn))
+        lost_p = ((_t(tp) <= 0) & (_t(pos) > 0)).to(a.dtype)
+        lost_n = ((_t(tn) <= 0) & (_t(neg) > 0)).to(b.dtype)
+        out: list = []
+        for g, p, r in zip(gains, parts, routed):
+            if g is None or p is None:
+                out.append(None)
+                continue
+            # a stream that meets no positive entry at all would vanish (the reference loses it):
+            # it is routed exactly instead, so no mass is lost silently
+            rp = None if p[0] is None else g * p[0] * expand_stats(a, p[0]) + p[0] * expand_stats(lost_p, p[0])
+            rn = None if p[1] is None else g * p[1] * expand_stats(b, p[1]) + p[1] * expand_stats(lost_n, p[1])
+            out.append(Split(rp, rn) if isinstance(r, Split) else rp + rn)
+        return out
+
+
+def _t(v) -> Tensor:
+    return v if isinstance(v, Tensor) else torch.zeros(())
 
 
 def _gain(x: Tensor) -> Tensor:

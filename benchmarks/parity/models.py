@@ -67,7 +67,10 @@ class VGGStyle(nn.Module):
         self.pre_logits.fc2 = nn.Conv2d(hidden, hidden, 1)
         self.pre_logits.act2 = nn.ReLU()
         self.head = nn.Module()
-        from timm.models.layers import SelectAdaptivePool2d  # same class in timm 0.4 and 1.x
+        try:  # the same class in timm 0.4 (timm.models.layers) and 1.x (timm.layers)
+            from timm.layers import SelectAdaptivePool2d
+        except ImportError:
+            from timm.models.layers import SelectAdaptivePool2d
         self.head.global_pool = SelectAdaptivePool2d(pool_type="avg", flatten=True)
         self.head.fc = nn.Linear(hidden, NUM_CLASSES)
         self.drop_rate = 0.0
