@@ -2,8 +2,8 @@
 
 **Identity-like routing.** The paper-era absLRP code wraps every re-arrangement of an
 activation (head split and merge, patch flatten, class-token concat and select) as a layer of its
-own whose absolute twin is ``|h|``: with ``S = R / (|h| + 1e-9)`` the relevance of an input entry
-is ``x * route((1 + sign h) S) = route(2 h+ S)``, i.e. the routed relevance goes only to the
+own whose absolute twin is ``|h|``: with ``S = R / |h|`` the relevance of an input entry
+is ``x * route((1 + sign h) S) = route(2 * 1[h > 0] * R)``, i.e. the routed relevance goes only to the
 positive entries (doubled), and the positive and negative masses are then conserved per node, as
 for every absLRP layer. :class:`AbsRouting` gives a structural rule (any
 :class:`~lrpgraph.rules.structural.Structural` subclass: its ``route`` is the exact transposed data
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lrpgraph import projections as _projections  # noqa: F401  (registers the pass)
 from lrpgraph.registry import RuleTable
-from lrpgraph.rule import EPS, NodeContext, Split, _ratio, expand_stats, sample_sum
+from lrpgraph.rule import NodeContext, Split, _ratio, expand_stats, sample_dot, sample_sum
 
 from .abslrp import AbsLRP
 from .structural import Structural
@@ -74,14 +74,32 @@ class AbsRouting(AbsLRP):
             # a split into several tensors (unbind, chunk): each piece is a tensor of its own
             # (q, k, v), weighed and conserved on its own before the exact routing
             pieces = [r if r is None or not isinstance(h, Tensor) or not h.is_floating_point() else
-                      self._weigh([_gain(h)], [r])[0] for r, h in zip(relevance, ctx.output)]
+                      self._piece(ctx, r, h) for r, h in zip(relevance, ctx.output)]
+            if ctx.node is not None and self.variant == "paper":
+                ctx.node.meta[_ON_POSITIVE] = True
             return self.inner(ctx, pieces)
         if not self._applies(ctx, relevance):
             return self.inner(ctx, relevance)
+        if self.variant == "paper" and _after_routing(ctx):
+            # every user already gave relevance only to positive entries of this value (and
+            # conserved each sign's mass): the rule would change nothing (it is idempotent)
+            return self.inner(ctx, relevance)
         routed = list(self.inner(ctx, relevance))  # Split where copies were summed (expand)
+        if self.variant == "paper" and not ctx.report:
+            fast = _one_slot_fast(ctx, routed)
+            if fast is not None:
+                return fast
         gains = [None if r is None or c or not isinstance(x, Tensor) else _gain(x)
                  for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
         return self._weigh(gains, routed)
+
+    def _piece(self, ctx: NodeContext, r, h: Tensor):
+        g = _gain(h)
+        if self.variant == "paper" and not ctx.report and isinstance(r, Tensor):
+            fast = _weigh_one(r, g)
+            if fast is not None:
+                return fast
+        return self._weigh([g], [r])[0]
 
     def _weigh(self, gains: list, routed: list) -> list:
         """``gain * relevance`` per slot; paper: each sign's mass (of everything routed,
@@ -117,13 +135,55 @@ class AbsRouting(AbsLRP):
         return out
 
 
+def _one_slot_fast(ctx: NodeContext, routed: list) -> Optional[list]:
+    """The paper rule for one activation slot and a plain routed tensor, in few passes
+    (:func:`conserve_diagonal` with the gain); ``None`` when a stream meets no positive entry
+    (the general path then routes that stream exactly) or the node has several slots."""
+    live = [i for i, r in enumerate(routed) if r is not None]
+    if len(live) != 1 or ctx.is_parameter[live[0]] or not isinstance(routed[live[0]], Tensor):
+        return None
+    i = live[0]
+    out: list = [None] * len(routed)
+    out[i] = _weigh_one(routed[i], _gain(ctx.inputs[i]))
+    return None if out[i] is None else out
+
+
+def _weigh_one(r: Tensor, g: Tensor) -> Optional[Tensor]:
+    """``g (a r+ + b r-)`` with each sign's mass conserved; ``None`` if a stream is lost."""
+    rp = r.clamp(min=0)
+    pos, tot = sample_sum(rp), sample_sum(r)
+    tp, tt = sample_dot(rp, g), sample_dot(r, g)
+    if bool(((tp <= 0) & (pos > 0)).any()) or bool(((tt - tp >= 0) & (tot - pos < 0)).any()):
+        return None
+    a = expand_stats(_ratio(pos, tp), r)
+    b = expand_stats(_ratio((tot - pos).abs(), (tt - tp).abs()), r)
+    return rp.mul_(a - b).add_(r * b).mul_(g)  # g (a r+ + b r-)
+
+
 def _t(v) -> Tensor:
     return v if isinstance(v, Tensor) else torch.zeros(())
 
 
+_ON_POSITIVE = "lrpgraph_relevance_on_positive"
+
+
+def _after_routing(ctx: NodeContext) -> bool:
+    """Whether every user of this node is a routing node of this preset that weighed (or could
+    skip): then the relevance here lies on positive entries only. Marks this node likewise."""
+    node, plan = ctx.node, ctx.plan
+    if node is None or plan is None:
+        return False
+    users = list(node.users)
+    skip = bool(users) and all(u.meta.get(_ON_POSITIVE) is True and isinstance(plan.rules.get(u), AbsRouting)
+                               for u in users)
+    node.meta[_ON_POSITIVE] = True  # weighed here, or skipped: either way on positive entries
+    return skip
+
+
 def _gain(x: Tensor) -> Tensor:
-    """``2 x+ / (|x| + eps)``: 2 on positive entries, 0 elsewhere (up to eps)."""
-    return x.clamp(min=0).mul_(2).div_(x.abs().add_(EPS))
+    """``x (1 + sign x) / |x|`` = 2 on positive entries, 0 elsewhere. The paper-era code divides by
+    ``h`` itself where ``h != 0`` (``1e-9`` only where ``h == 0``), so its gain is exactly this."""
+    return (x > 0).to(x.dtype).mul_(2)
 
 
 def absolute_routing(table: RuleTable, variant: str) -> RuleTable:

@@ -172,7 +172,7 @@ def test_routing_rule_literal(case):
     ex = lrpgraph.Explainer(Lambda(fn).eval(), rules="abslrp")
     assert any(isinstance(r, AbsRouting) for r in ex.plan.rules.values())
     got = ex(x, output_relevance=R).relevance.movedim(1, 0)  # (B, K, ...) -> (K, B, ...)
-    # literal: r = x * VJP((1 + sign h) S), S = R / (|h| + eps); each sign's mass conserved
+    # literal: r = x * VJP((1 + sign h) S), S = R / |h| (1e-9 where h == 0); each sign's mass conserved
     want = torch.zeros_like(got)
     xl = x.clone().requires_grad_(True)
     hl = fn(xl)
@@ -180,7 +180,7 @@ def test_routing_rule_literal(case):
         for b in range(x.shape[0]):
             for part in (R[k].clamp(min=0), R[k].clamp(max=0)):
                 part = part * (torch.arange(x.shape[0]) == b).reshape((-1,) + (1,) * (h.dim() - 1))
-                S = part * (1 + torch.sign(h)) / (h.abs() + EPS)
+                S = part * (1 + torch.sign(h)) / torch.where(h == 0, EPS, h.abs())  # the paper-era eta
                 r = xl.detach() * torch.autograd.grad(hl, xl, S, retain_graph=True)[0]
                 mass = part.sum()
                 if float(r.abs().sum()) > 0:
