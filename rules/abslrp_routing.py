@@ -209,10 +209,10 @@ def absolute_routing(table: RuleTable, variant: str) -> RuleTable:
 # fused projections, paper variant: conserve per output chunk
 
 
-def _group_sums(t: Tensor, w: Tensor, onehot: Tensor) -> Tensor:
-    """``sum over entries of chunk g of t * w`` per (k, sample, g): ``(K, B, G)``."""
-    tw = (t * w).reshape(t.shape[0], t.shape[1], -1, t.shape[-1]).sum(2)
-    return tw @ onehot
+def _group_sums(t: Tensor, w: Optional[Tensor], onehot: Tensor) -> Tensor:
+    """``sum over entries of chunk g of t * w`` (``w`` None: of ``t``) per (k, sample, g): ``(K, B, G)``."""
+    tw = t if w is None else t * w
+    return tw.reshape(t.shape[0], t.shape[1], -1, t.shape[-1]).sum(2) @ onehot
 
 
 def grouped_affine(rule, ctx: NodeContext, relevance: Tensor, groups: Tensor) -> list:
@@ -229,18 +229,17 @@ def grouped_affine(rule, ctx: NodeContext, relevance: Tensor, groups: Tensor) ->
         fold = lambda t: None if t is None else t.reshape((G, k) + tuple(t.shape[1:])).sum(0)  # noqa: E731
         return [None if o is None else Split(fold(o.pos), fold(o.neg)) if isinstance(o, Split) else fold(o)
                 for o in out]
+    # with S = R / den: the masses are sums of R+ and R; the totals of the contributions are sums
+    # of R+ * c / den and R * c / den (c: the column mass), per chunk
     den = rule.denominator(ctx).clone()
-    s = relevance / den
-    sp = s.clamp(min=0)
-    c = rule.column_mass(ctx)
-    p = _group_sums(sp, den, onehot)
-    n = (_group_sums(s, den, onehot) - p).abs()
-    mp = _group_sums(sp, c, onehot)
-    mn = (_group_sums(s, c, onehot) - mp).abs()
-    bshape = (s.shape[0], s.shape[1]) + (1,) * (s.dim() - 3) + (s.shape[-1],)
+    q = rule.column_mass(ctx).div_(den)
+    rp = relevance.clamp(min=0)
+    p, t = _group_sums(rp, None, onehot), _group_sums(relevance, None, onehot)
+    mp, mt = _group_sums(rp, q, onehot), _group_sums(relevance, q, onehot)
+    bshape = (rp.shape[0], rp.shape[1]) + (1,) * (rp.dim() - 3) + (rp.shape[-1],)
     a = _ratio(p, mp)[..., groups].reshape(bshape)
-    b = _ratio(n, mn)[..., groups].reshape(bshape)
-    return rule.contributions(ctx, sp * a + (s - sp) * b)
+    b = _ratio((t - p).abs(), (mt - mp).abs())[..., groups].reshape(bshape)
+    return rule.contributions(ctx, rp.mul_(a - b).add_(relevance * b).div_(den))  # a S+ + b S-
 
 
 def out_groups(ctx: NodeContext) -> Optional[Tensor]:
