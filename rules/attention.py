@@ -12,7 +12,8 @@ rules subclass :class:`~lrpgraph.rules.abslrp.AbsLRP`, so each exists in both va
   ``r = (x h + |x| h_abs) S``. ``paper`` twin = h: ``r = 2 x h S``, with its sign (see
   :class:`_CoefficientRule`).
 
-The classic presets use :class:`ProductEpsilon` (the epsilon z-rule split 50/50, LXT style).
+The classic presets' product rule (the epsilon z-rule split 50/50, LXT style) is in
+:mod:`lrpgraph.rules.transformer`.
 See ``docs/abslrp.md`` for the method and the choices.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrpgraph.rule import NodeContext, Rule, _ratio, expand_stats, memo, sample_dot, sample_sum, stabilise, temp
+from lrpgraph.rule import NodeContext, _ratio, expand_stats, memo, sample_dot, sample_sum, temp
 
 from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
 
@@ -346,67 +347,6 @@ def _one_pass_signed(rule: _CoefficientRule, ctx: NodeContext, relevance: Tensor
     out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
     out[0] = rp.mul_(a - b).add_(relevance * b).mul_(g)  # (a S+ + b S-) * c / den
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# classic rules
-
-
-class ProductEpsilon(Rule):
-    """Classic product of two activations: the epsilon z-rule, split 50/50 between the operands
-    (LXT's uniform rule for ``matmul``); one activation times a constant: the plain z-rule."""
-
-    def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
-
-    @property
-    def name(self) -> str:
-        return f"product-epsilon({self.epsilon:g})"
-
-    def __call__(self, ctx, relevance):
-        p = _product(ctx)
-        eq, a, b, want_a, want_b = p.eq, p.a, p.b, p.want_a, p.want_b
-        share = 0.5 if (want_a and want_b) else 1.0
-        s = relevance / stabilise(ctx.output, self.epsilon or GUARD) * share
-        if eq is not None:
-            (sa, sb), so, k = _parse_einsum(eq, (a, b))
-            ra = torch.einsum(f"{k}{so},{sa},{sb}->{k}{sa}", s, a, b) if want_a else None
-            rb = torch.einsum(f"{k}{so},{sa},{sb}->{k}{sb}", s, a, b) if want_b else None
-        elif ctx.target in MATMULS:
-            a2, b2, s2, sq_a, sq_b = _promote(a, b, s)
-            ra = a2 * (s2 @ b2.transpose(-1, -2)) if want_a else None
-            rb = b2 * (a2.transpose(-1, -2) @ s2) if want_b else None
-            if ra is not None and sq_a:
-                ra = ra.squeeze(-2)
-            if rb is not None and sq_b:
-                rb = rb.squeeze(-1)
-        else:
-            if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide) and want_b:
-                raise NotImplementedError(f"{ctx.describe()} divides by an activation; no rule for that")
-            z = (a * b) if isinstance(a, Tensor) and isinstance(b, Tensor) else ctx.output
-            ra = z * s if want_a else None
-            rb = z * s if want_b else None
-        return p.place(ctx, ra, rb)
-
-
-class ClassicMul(Rule):
-    """Classic ``a * b``: identity to the activation for a constant factor, else :class:`ProductEpsilon`."""
-
-    def __init__(self, epsilon: float = 1e-6):
-        self._product = ProductEpsilon(epsilon)
-
-    @property
-    def name(self) -> str:
-        return "mul"
-
-    def __call__(self, ctx, relevance):
-        acts = _activations(ctx)
-        if len(acts) >= 2:
-            return self._product(ctx, relevance)
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        if acts:
-            out[acts[0]] = relevance
-        return out
 
 
 def _product_mass(ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:

@@ -16,6 +16,7 @@ masks and embeddings. See ``docs/abslrp.md`` for the absLRP rules.
 """
 from __future__ import annotations
 
+import operator
 import sys
 from typing import List, Optional
 
@@ -30,8 +31,8 @@ from lrpgraph.text import masked_mean
 
 from .abslrp import AbsLRP
 from .attention import (EINSUMS, GUARD, MATMULS, SOFTMAXES, AbsMul, AbsProduct, AbsSoftmax,  # noqa: F401
-                        ClassicMul, ProductEpsilon, _activations, _CoefficientRule, _operands, _parse_einsum,
-                        _product, _product_mass, _promote, einsum_contributions, matmul_contributions)
+                        _activations, _CoefficientRule, _operands, _parse_einsum, _product, _product_mass,
+                        _promote, einsum_contributions, matmul_contributions)
 from .layernorm import LAYERNORMS, AbsLayerNorm, _stats, layer_norm_params  # noqa: F401
 
 EMBEDDINGS = (nn.Embedding, F.embedding)
@@ -122,6 +123,67 @@ class EmbeddingSum(Rule):
     def __call__(self, ctx, relevance):
         out: List[Optional[object]] = [None] * len(ctx.input_shapes)
         out[0] = Split(relevance.clamp(min=0).sum(-1), relevance.clamp(max=0).sum(-1))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# classic rules
+
+
+class ProductEpsilon(Rule):
+    """Classic product of two activations: the epsilon z-rule, split 50/50 between the operands
+    (LXT's uniform rule for ``matmul``); one activation times a constant: the plain z-rule."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    @property
+    def name(self) -> str:
+        return f"product-epsilon({self.epsilon:g})"
+
+    def __call__(self, ctx, relevance):
+        p = _product(ctx)
+        eq, a, b, want_a, want_b = p.eq, p.a, p.b, p.want_a, p.want_b
+        share = 0.5 if (want_a and want_b) else 1.0
+        s = relevance / stabilise(ctx.output, self.epsilon or GUARD) * share
+        if eq is not None:
+            (sa, sb), so, k = _parse_einsum(eq, (a, b))
+            ra = torch.einsum(f"{k}{so},{sa},{sb}->{k}{sa}", s, a, b) if want_a else None
+            rb = torch.einsum(f"{k}{so},{sa},{sb}->{k}{sb}", s, a, b) if want_b else None
+        elif ctx.target in MATMULS:
+            a2, b2, s2, sq_a, sq_b = _promote(a, b, s)
+            ra = a2 * (s2 @ b2.transpose(-1, -2)) if want_a else None
+            rb = b2 * (a2.transpose(-1, -2) @ s2) if want_b else None
+            if ra is not None and sq_a:
+                ra = ra.squeeze(-2)
+            if rb is not None and sq_b:
+                rb = rb.squeeze(-1)
+        else:
+            if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide) and want_b:
+                raise NotImplementedError(f"{ctx.describe()} divides by an activation; no rule for that")
+            z = (a * b) if isinstance(a, Tensor) and isinstance(b, Tensor) else ctx.output
+            ra = z * s if want_a else None
+            rb = z * s if want_b else None
+        return p.place(ctx, ra, rb)
+
+
+class ClassicMul(Rule):
+    """Classic ``a * b``: identity to the activation for a constant factor, else :class:`ProductEpsilon`."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self._product = ProductEpsilon(epsilon)
+
+    @property
+    def name(self) -> str:
+        return "mul"
+
+    def __call__(self, ctx, relevance):
+        acts = _activations(ctx)
+        if len(acts) >= 2:
+            return self._product(ctx, relevance)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        if acts:
+            out[acts[0]] = relevance
         return out
 
 
