@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lrpgraph.rules import abslrp as A
 from lrpgraph.rules import classic as C
+from lrpgraph.rules.abslrp_routing import absolute_routing
 from lrpgraph.rules.structural import PassThrough, structural_table
 
 from .canonize import ConvBN, LinearBN
@@ -142,13 +143,15 @@ def abslrp_table(variant: str) -> dict:
 
 
 def _abslrp() -> Composite:
-    return Composite("abslrp", _with_extensions("abslrp", abslrp_table("paper")), SIGNED,
+    table = absolute_routing(_with_extensions("abslrp", abslrp_table("paper")), "paper")
+    return Composite("abslrp", table, SIGNED,
                      description="absLRP, paper-era formulation: sign-split relevance, positive and "
                                  "negative mass conserved at every node (spec 1.3/1.4)")
 
 
 def _abslrp_renorm() -> Composite:
-    return Composite("abslrp-renorm", _with_extensions("abslrp-renorm", abslrp_table("head")), TWO_PASS,
+    table = absolute_routing(_with_extensions("abslrp-renorm", abslrp_table("head")), "head")
+    return Composite("abslrp-renorm", table, TWO_PASS,
                      description="absLRP as in the authors' current code: unit mass after every "
                                  "node, fixed split at residuals (spec 1.1/1.2)")
 

@@ -259,7 +259,7 @@ class Composite:
         return out
 
     def options_for(self, node: fx.Node) -> dict:
-        opts: dict = {}
+        opts: dict = dict(node.meta.get("lrpgraph_options", {}))  # facts found by graph passes
         label = node.meta.get("source_target", node.target) if node.op == "call_module" else node.name
         for pattern, o in self.options.items():
             if fnmatch.fnmatchcase(str(label), pattern) or fnmatch.fnmatchcase(node.name, pattern):

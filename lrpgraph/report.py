@@ -61,6 +61,16 @@ def stats(t: Optional[Tensor], batch: int, axis: Optional[int] = None):
     return flat.sum(-1), flat.clamp(min=0).sum(-1), flat.clamp(max=0).sum(-1)
 
 
+def _stream(t: Optional[Tensor], batch: int, axis, sign: int):
+    """(sum, pos, neg) of one sign stream measured by its L1 mass, with the stream's sign."""
+    st = stats(t.abs(), batch, axis) if t is not None else None
+    if st is None:
+        return None
+    m = st[0] * sign
+    z = torch.zeros_like(m)
+    return (m, m, z) if sign > 0 else (m, z, m)
+
+
 def _acc(parts):
     parts = [p for p in parts if p is not None]
     if not parts:
@@ -76,8 +86,8 @@ def relevance_stats(r, batch: int, axis=None):
     a tuple of batch axes)."""
     if r is None:
         return None
-    if isinstance(r, Split):
-        return _acc([stats(r.pos, batch, axis), stats(r.neg, batch, axis)])
+    if isinstance(r, Split):  # each stream by its mass (a paper-era rule may flip part of one)
+        return _acc([_stream(r.pos, batch, axis, 1), _stream(r.neg, batch, axis, -1)])
     if isinstance(r, (list, tuple)):
         axes = axis if isinstance(axis, tuple) else (None,) * len(r)
         return _acc([relevance_stats(e, batch, a) for e, a in zip(r, axes)])

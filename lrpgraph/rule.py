@@ -77,6 +77,11 @@ class NodeContext:
     #: ``(dotted path, type name)`` of the model's module that ran this node, where the tracer
     #: knows it (the export tracer); named in error messages
     module_path: Optional[tuple] = None
+    #: the fx node, the walk's plan and recording: for the few rules that need the graph around
+    #: their node (abslrp-renorm's residual rule walks the branch, see rules/residual.py)
+    node: Any = None
+    plan: Any = None
+    rec: Any = None
 
     def describe(self) -> str:
         """A short human description: ``node `x` (torch.roll)``, plus the module that ran it."""

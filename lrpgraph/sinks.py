@@ -10,6 +10,10 @@ added to its inputs' relevance. That amount is split into
 * ``renormalisation``: ``out_sum - delivered`` at a rule that rescales its output to unit mass
   (``abslrp-renorm``). The report measures a node before normalisation; this entry is what the
   rescaling then added or removed, so the books close exactly;
+* ``sign flip``: ``out_sum - delivered`` at a rule that conserves each sign stream's mass but lets
+  part of a stream change sign (the ``abslrp`` preset's LayerNorm and softmax use their
+  coefficients with their sign, as the paper-era code does): the report counts each stream by its
+  mass, and this entry is the change of the signed total that the flip caused;
 * relevance absorbed by design (the report's ``by design`` rows): ``position embedding`` (a
   parameter added to the tokens), ``token`` (a class or register token joined to the sequence),
   ``bias`` (a parameter vector added), ``parameter`` or ``constant``;
@@ -124,8 +128,13 @@ def sinks(e: Any) -> List[Sink]:
         weighted, bias = _has_bias(plan, node)
         out.append(Sink(r.name, "bias" if bias else ("epsilon" if weighted else "rule"), i - o))
         rule = plan.rules.get(node)
+        rest = o - delivered.get(r.name, np.zeros_like(o))
         if rule is not None and rule.renormalise:
-            out.append(Sink(r.name, "renormalisation", o - delivered.get(r.name, np.zeros_like(o))))
+            out.append(Sink(r.name, "renormalisation", rest))
+        elif np.abs(rest).max(initial=0.0) > 1e-12 * max(1.0, float(np.abs(o).max(initial=0.0))):
+            # a stream measured by its mass but delivered with some entries of the other sign
+            # (the paper-era LayerNorm and softmax coefficients): each mass is kept, the signed total is not
+            out.append(Sink(r.name, "sign flip", rest))
     for p in plan.placeholders[1:]:
         got = [g for _u, v, _s, _x, g in e._edges if v == p.name]
         if got:

@@ -48,6 +48,7 @@ def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool
         output=vals.get(node), output_shape=shapes.get(node), batch_size=rec.batch_size,
         is_parameter=[s.op == "get_attr" or s not in plan.live for s in slots], options=plan.options.get(node, {}),
         report=report, scratch=scratch, module_path=node.meta.get("lrp_module"),
+        node=node, plan=plan, rec=rec,
     )
 
 

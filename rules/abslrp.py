@@ -141,6 +141,9 @@ class AbsAffine(AbsLRP):
 
     def __call__(self, ctx, relevance):
         linear = isinstance(ctx.module, nn.Linear) or ctx.target is F.linear
+        if linear and self.variant == "paper" and self.divide and ctx.options.get("out_groups") is not None:
+            from .abslrp_routing import grouped_affine  # a fused projection split into chunks
+            return grouped_affine(self, ctx, relevance, ctx.options["out_groups"])
         if self.variant != "paper" or ctx.report or not self.divide or not linear:
             return super().__call__(ctx, relevance)
         # the one-pass form (see above): no second sign stream
@@ -223,6 +226,14 @@ class AbsAdd(AbsLRP):
     """
 
     kind = "abslrp.add"
+
+    def __call__(self, ctx, relevance):
+        if self.variant == "head":  # a shortcut that feeds its own branch: the current code's term
+            from .residual import residual_head
+            out = residual_head(self, ctx, relevance)
+            if out is not None:
+                return out
+        return super().__call__(ctx, relevance)
 
     def contributions(self, ctx, s):
         out = []

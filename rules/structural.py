@@ -16,10 +16,19 @@ from lrpgraph.rule import NodeContext, Rule, Split
 
 
 class Structural(Rule):
-    """Base: saves nothing, exact."""
+    """Base: saves nothing, exact.
+
+    Two flags tell the absLRP presets how to treat a routing rule (see
+    :mod:`lrpgraph.rules.abslrp_routing`): ``moves_data`` (the op re-arranges or selects entries
+    of an activation; ``abslrp`` then applies the identity-like absLRP rule around ``route``) and
+    ``selects`` (the op drops entries, like indexing; ``abslrp-renorm`` applies it there too).
+    A new routing rule that subclasses this class and implements ``route`` follows automatically.
+    """
 
     saves = frozenset()
     exact = True
+    moves_data = True
+    selects = False
 
     def route(self, ctx: NodeContext, r):
         raise NotImplementedError
@@ -37,6 +46,8 @@ class Structural(Rule):
 
 class PassThrough(Structural):
     """Identity-like ops (Identity, Dropout in eval, contiguous, clone, dtype casts): ``R_x = R``."""
+
+    moves_data = False
 
     @property
     def name(self) -> str:
@@ -126,6 +137,7 @@ class GetItem(Structural):
     """``x[index]`` on a tensor (basic slicing, ints, None, Ellipsis, one index tensor) or on a
     tuple of tensors (``unbind``/``chunk`` results): relevance goes back to the selected entries."""
 
+    selects = True
     # an index tensor is itself a slot (a buffer or computed value): it must be recorded, or the
     # rule sees None in its place and routes to x[:, None] (a crash or a wrong result)
     saves = frozenset({"inputs"})

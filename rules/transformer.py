@@ -1,47 +1,24 @@
-"""Transformer rules: attention products, softmax, LayerNorm, embeddings, masks (spec 2.6-2.10).
+"""Transformer rules besides attention and LayerNorm: embeddings, masks, scalings, tables.
 
-Every rule is explicit tensor maths on the recorded forward values (no autograd). The absLRP
-rules subclass :class:`~lrpgraph.rules.abslrp.AbsLRP`, so each exists in both variants:
-``paper`` (preset ``abslrp``: sign-split, positive and negative mass conserved, jointly over the
-inputs of a node) and ``head`` (preset ``abslrp-renorm``: raw contributions, every input
-renormalised to unit mass by the walker). With ``S = R / (|h| + 1e-9)``:
-
-* **Product of two activations** (``matmul``, ``bmm``, ``einsum``, ``a * b``; spec 2.8), twin
-  ``|a| |b|``: ``r_a = a * (S b^T) + |a| * (S |b|^T)``, ``r_b`` likewise. ``paper``: the operands
-  share the conserved mass by their raw contributions (for a bilinear product the two totals are
-  equal: an exact 50/50 split); ``head``: each operand is normalised separately (Q:K:V = 1:1:1).
-  A constant operand (a weight) takes no relevance: the product is then an affine op.
-* **Softmax** (spec 2.7), max and denominator constants: ``dh_j/dx_j = h_j``.
-  ``head`` twin = softmax(|x|): ``r = (x h + |x| h_abs) S``. ``paper`` twin = h: ``r = 2 x h S``.
-* **LayerNorm** (spec 2.6), mean and variance constants. ``head`` twin recomputes them on |x|:
-  ``r = (x g / s + |x| |g| / s_abs) S``. ``paper`` twin ``|g| |x - mu| / s + |b|``:
-  ``r = x (g + |g| sign(x - mu)) / s * S``.
-
-**Sign decision (paper variant, softmax and LayerNorm).** The reference's paper-era formulas
-above can give a *negative* contribution for positive relevance (a negative score ``x_j`` at the
-softmax; ``mu < x < 0`` at LayerNorm), so a positive stream would turn partly negative and the
-signed masses would not be conserved. lrpgraph's ``paper`` variant keeps the stream's sign and
-distributes it by the magnitude of the contribution (``|2 x h| S`` and ``|x (g + |g| sign(x - mu))| / s * S``):
-the same per-entry weights, positive and negative mass each conserved exactly. ``signs="flip"``
-reproduces the reference literally (the report then shows the sign changes as mismatches).
+The attention products and softmax live in :mod:`lrpgraph.rules.attention`, LayerNorm in
+:mod:`lrpgraph.rules.layernorm`; their names are re-exported here. This module assembles the
+transformer entries of every preset.
 
 Constants and routing: the attention mask (``attention_mask``, ``masked_fill``) passes all
 relevance to the scores; the attention's query scale passes relevance through unchanged (as in
-the reference, which applies no rule to it; an identity-like absLRP rule would drop the relevance
-of negative query entries); an embedding lookup sums the relevance over the embedding dim, giving
-one value per token id (positive and negative parts reported separately); ``F.normalize`` (norm
-constant) is a scaling by a positive constant.
+both reference code eras, which apply no rule to it); an embedding lookup sums the relevance over
+the embedding dim, giving one value per token id (positive and negative parts reported
+separately); ``F.normalize`` (norm constant) is a scaling by a positive constant.
 
 The classic presets get LXT/CP-LRP style rules: the epsilon z-rule split 50/50 for a product of
 two activations, identity for softmax and LayerNorm (statistics constant), the same routing for
-masks and embeddings.
+masks and embeddings. See ``docs/abslrp.md`` for the absLRP rules.
 """
 from __future__ import annotations
 
 import operator
-import string
 import sys
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,353 +26,17 @@ from torch import Tensor, nn
 
 from lrpgraph.attention import attention_mask, scale_query
 from lrpgraph.presets import SCALES, extend_preset
-from lrpgraph.rule import NodeContext, Rule, Split, memo, stabilise, temp
+from lrpgraph.rule import NodeContext, Rule, Split, stabilise
 from lrpgraph.text import masked_mean
 
-from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
+from .abslrp import AbsLRP
+from .attention import (EINSUMS, GUARD, MATMULS, SOFTMAXES, AbsMul, AbsProduct, AbsSoftmax,  # noqa: F401
+                        _activations, _CoefficientRule, _operands, _parse_einsum, _product, _product_mass,
+                        _promote, einsum_contributions, matmul_contributions)
+from .layernorm import LAYERNORMS, AbsLayerNorm, _stats, layer_norm_params  # noqa: F401
 
-MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
-EINSUMS = (torch.einsum,)
-SOFTMAXES = (nn.Softmax, torch.softmax, F.softmax, "softmax")
-LAYERNORMS = (nn.LayerNorm, F.layer_norm)
 EMBEDDINGS = (nn.Embedding, F.embedding)
 MASKS = (attention_mask, "masked_fill", torch.masked_fill)
-GUARD = 1e-12
-
-
-def _activations(ctx: NodeContext) -> List[int]:
-    """Slots holding tensors that depend on the input (constants are weights)."""
-    return [i for i, (v, c) in enumerate(zip(ctx.inputs, ctx.is_parameter))
-            if isinstance(v, Tensor) and not c]
-
-
-# --------------------------------------------------------------------------------------------
-# products of two operands: matmul / bmm / einsum / mul
-
-
-def _promote(a: Tensor, b: Tensor, s: Tensor):
-    """Matmul of 1-D operands as 2-D (numpy rules); returns the squeeze plan for the results."""
-    sq_a = sq_b = False
-    if a.dim() == 1:
-        a, sq_a = a.unsqueeze(0), True
-        s = s.unsqueeze(-2)
-    if b.dim() == 1:
-        b, sq_b = b.unsqueeze(-1), True
-        s = s.unsqueeze(-1)
-    return a, b, s, sq_a, sq_b
-
-
-def matmul_contributions(a: Tensor, b: Tensor, s: Tensor, want_a: bool = True, want_b: bool = True,
-                         ctx: Optional[NodeContext] = None):
-    """``a * (s b^T) + |a| * (s |b|^T)`` and ``b * (a^T s) + |b| * (|a|^T s)`` for ``h = a @ b``.
-
-    ``s`` is ``(K, *h.shape)``. Non-negative operands (attention weights, post-ReLU values) take the
-    one-product fast path ``2 a * (s b+^T)``; results may carry broadcast batch dims (the walker sums
-    them back). With ``ctx``, ``|a|``, ``|b|`` and the sign checks are shared with the column mass.
-    """
-    a_pos, b_pos, abs_a, abs_b = _operand_facts(a, b, ctx)
-    a, b, s, sq_a, sq_b = _promote(a, b, s)
-    ra = rb = None
-    if want_a:
-        bt = b.transpose(-1, -2)
-        if a_pos:
-            ra = (s @ bt.clamp(min=0)).mul_(a).mul_(2)
-        elif b_pos:
-            ra = (s @ bt).mul_(a.clamp(min=0)).mul_(2)
-        else:  # each matmul result is a new tensor: accumulate in place (no fused addcmul, see AbsAffine)
-            ra = (s @ bt).mul_(a).add_((s @ _promote_like(abs_b(), b).transpose(-1, -2)).mul_(_promote_like(abs_a(), a)))
-        if sq_a:
-            ra = ra.squeeze(-2)
-    if want_b:
-        at = a.transpose(-1, -2)
-        if b_pos:
-            rb = (at.clamp(min=0) @ s).mul_(b).mul_(2)
-        elif a_pos:
-            rb = (at @ s).mul_(b.clamp(min=0)).mul_(2)
-        else:
-            rb = (at @ s).mul_(b).add_((_promote_like(abs_a(), a).transpose(-1, -2) @ s).mul_(_promote_like(abs_b(), b)))
-        if sq_b:
-            rb = rb.squeeze(-1)
-    return ra, rb
-
-
-def _operand_facts(a: Tensor, b: Tensor, ctx: Optional[NodeContext]):
-    """(a >= 0?, b >= 0?, |a| getter, |b| getter), memoised per node call when ``ctx`` is given."""
-    if ctx is None:
-        return _nonneg(a), _nonneg(b), a.abs, b.abs
-    return (memo(ctx, "a>=0", lambda: _nonneg(a)), memo(ctx, "b>=0", lambda: _nonneg(b)),
-            lambda: memo(ctx, "|a|", lambda: torch.abs(a, out=temp(ctx, "product.|a|", a))),
-            lambda: memo(ctx, "|b|", lambda: torch.abs(b, out=temp(ctx, "product.|b|", b))))
-
-
-def _promote_like(t: Tensor, promoted: Tensor) -> Tensor:
-    """``t`` (an operand before :func:`_promote`) shaped like its promoted form."""
-    return t.reshape(promoted.shape) if t.dim() != promoted.dim() else t
-
-
-def _parse_einsum(eq: str, operands: Sequence[Tensor]):
-    """Subscripts of each operand and of the output, ellipses expanded; a free letter for K."""
-    eq = eq.replace(" ", "")
-    lhs, _, rhs = eq.partition("->")
-    ins = lhs.split(",")
-    used = set(c for c in eq if c.isalpha())
-    free = [c for c in string.ascii_letters if c not in used]
-    ell_rank = max((t.dim() - len(s.replace("...", "")) for s, t in zip(ins, operands) if "..." in s), default=0)
-    ell = "".join(free[:ell_rank])
-    free = free[ell_rank:]
-
-    def expand(sub: str, rank: Optional[int]) -> str:
-        if "..." not in sub:
-            return sub
-        n = (rank - len(sub.replace("...", ""))) if rank is not None else ell_rank
-        return sub.replace("...", ell[ell_rank - n:] if n else "")
-
-    ins = [expand(s, t.dim()) for s, t in zip(ins, operands)]
-    if "->" in eq:
-        out = expand(rhs, None)
-    else:
-        letters = "".join(ins)
-        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
-    for s in ins:
-        if len(set(s)) != len(s):
-            raise NotImplementedError(f"einsum {eq!r}: a repeated index within one operand (a diagonal) "
-                                      "is not supported")
-    return ins, out, free[0]
-
-
-def einsum_contributions(eq: str, a: Tensor, b: Tensor, s: Tensor, want_a=True, want_b=True):
-    """The product rule for ``h = einsum(eq, a, b)``: ``z = a * b`` over every index combination,
-    ``r_a = sum over the rest of (z + |z|) * S`` (a literal einsum with a and b as operands)."""
-    (sa, sb), so, k = _parse_einsum(eq, (a, b))
-    ra = rb = None
-    if want_a:
-        spec = f"{k}{so},{sa},{sb}->{k}{sa}"
-        ra = torch.einsum(spec, s, a, b) + torch.einsum(spec, s, a.abs(), b.abs())
-    if want_b:
-        spec = f"{k}{so},{sa},{sb}->{k}{sb}"
-        rb = torch.einsum(spec, s, a, b) + torch.einsum(spec, s, a.abs(), b.abs())
-    return ra, rb
-
-
-def _operands(ctx: NodeContext):
-    """(einsum equation or None, a, b) of a two-operand product node."""
-    if ctx.target is torch.einsum:
-        eq = ctx.args[0]
-        ops = ctx.args[1] if len(ctx.args) == 2 and isinstance(ctx.args[1], (list, tuple)) else ctx.args[1:]
-        if len(ops) != 2:
-            raise NotImplementedError(f"{ctx.describe()}: einsum with {len(ops)} operands; only two "
-                                      "operands are supported (split it into pairwise einsums)")
-        return eq, ops[0], ops[1]
-    return None, ctx.args[0], ctx.args[1] if len(ctx.args) > 1 else ctx.kwargs.get("other")
-
-
-def _slot_of(ctx: NodeContext, value) -> Optional[int]:
-    for i, v in enumerate(ctx.inputs):
-        if v is value:
-            return i
-    return None
-
-
-class _Product(NamedTuple):
-    """The operands of a product node and which of them take relevance (activations, not weights)."""
-
-    eq: Optional[str]
-    a: Any
-    b: Any
-    ia: Optional[int]
-    ib: Optional[int]
-    want_a: bool
-    want_b: bool
-
-    def place(self, ctx: NodeContext, ra: Optional[Tensor], rb: Optional[Tensor]) -> List[Optional[Tensor]]:
-        """The per-slot relevance list (summed when both operands are the same slot: ``x * x``)."""
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        if self.want_a:
-            out[self.ia] = ra
-        if self.want_b:
-            out[self.ib] = rb if self.ib != self.ia else out[self.ib] + rb
-        return out
-
-
-def _product(ctx: NodeContext) -> _Product:
-    eq, a, b = _operands(ctx)
-    ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
-    acts = set(_activations(ctx))
-    return _Product(eq, a, b, ia, ib, ia in acts, ib in acts)
-
-
-class AbsProduct(AbsLRP):
-    """absLRP for ``matmul``/``bmm``/``einsum``/``a * b`` with one or two activation operands."""
-
-    kind = "abslrp.product"
-
-    def __call__(self, ctx, relevance):
-        if self.variant == "paper" and not ctx.report:
-            scaled = one_pass_scale(relevance, lambda buf: _product_mass(ctx, buf), self.denominator(ctx), ctx)
-            return self.contributions(ctx, scaled)
-        return super().__call__(ctx, relevance)
-
-    def contributions(self, ctx, s):
-        p = _product(ctx)
-        eq, a, b, want_a, want_b = p.eq, p.a, p.b, p.want_a, p.want_b
-        if not isinstance(a, Tensor) or not isinstance(b, Tensor):
-            raise NotImplementedError(f"{ctx.describe()}: expected two tensor operands")
-        if eq is not None:
-            ra, rb = einsum_contributions(eq, a, b, s, want_a, want_b)
-        elif ctx.target in MATMULS:
-            ra, rb = matmul_contributions(a, b, s, want_a, want_b, ctx)
-        else:  # element-wise product
-            z = a * b
-            c = (z + z.abs()) * s
-            ra, rb = (c if want_a else None), (c if want_b else None)
-        return p.place(ctx, ra, rb)
-
-
-class AbsMul(AbsLRP):
-    """``a * b`` / ``a / c``: a scaling by a constant (:class:`AbsScale`) or, for two
-    activations, the product rule (:class:`AbsProduct`)."""
-
-    kind = "abslrp.mul"
-
-    def __init__(self, variant: str = "paper"):
-        super().__init__(variant)
-        self._scale = AbsScale(variant)
-        self._product = AbsProduct(variant)
-
-    def __call__(self, ctx, relevance):
-        if len(_activations(ctx)) >= 2:
-            return self._product(ctx, relevance)
-        return super().__call__(ctx, relevance)
-
-    def contributions(self, ctx, s):
-        if len(_activations(ctx)) >= 2:
-            if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide):
-                raise NotImplementedError(f"{ctx.describe()} divides two activations; no rule for that")
-            return self._product.contributions(ctx, s)
-        return self._scale.contributions(ctx, s)
-
-
-# --------------------------------------------------------------------------------------------
-# softmax
-
-
-def _softmax_dim(ctx: NodeContext) -> int:
-    if ctx.module is not None:
-        d = ctx.module.dim
-    else:
-        d = ctx.kwargs.get("dim", ctx.args[1] if len(ctx.args) > 1 else None)
-    if d is None:
-        raise NotImplementedError(f"{ctx.describe()}: softmax without an explicit dim")
-    return d
-
-
-class _CoefficientRule(AbsLRP):
-    """An element-wise absLRP rule whose contribution is ``coefficient(ctx) * S`` (softmax,
-    LayerNorm), with the paper variant's sign option (see the module doc)."""
-
-    def __init__(self, variant: str = "paper", signs: str = "keep"):
-        super().__init__(variant)
-        if signs not in ("keep", "flip"):
-            raise ValueError(f"signs must be 'keep' or 'flip', got {signs!r}")
-        self.signs = signs
-
-    def __call__(self, ctx, relevance):
-        if self.variant == "paper" and self.signs == "keep" and not ctx.report:
-            return one_pass_diagonal(self, ctx, relevance)
-        return super().__call__(ctx, relevance)
-
-    def contributions(self, ctx, s):
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self.coefficient(ctx) * s
-        return out
-
-    def coefficient(self, ctx) -> Tensor:
-        raise NotImplementedError
-
-
-class AbsSoftmax(_CoefficientRule):
-    """absLRP softmax (spec 2.7); entries the softmax gives exactly 0 (masked) take nothing.
-
-    Args:
-        variant: ``"paper"`` or ``"head"``.
-        signs: paper variant only: ``"keep"`` (default) weights entries by ``|2 x h|`` so the
-            relevance keeps its sign; ``"flip"`` uses ``2 x h`` literally (see module doc).
-    """
-
-    kind = "abslrp.softmax"
-
-    def coefficient(self, ctx) -> Tensor:
-        """The contribution per unit ``S``: ``2 |x| h`` / ``2 x h`` (paper), ``x h + |x| h_abs`` (head)."""
-        x, h = ctx.inputs[0], ctx.output
-        if self.variant == "paper" and bool(torch.isfinite(x.amin())) and bool(torch.isfinite(x.amax())):
-            # no masked (-inf) scores: no guard needed (two reductions instead of a select pass)
-            buf = temp(ctx, "coefficient", x)
-            c = torch.abs(x, out=buf) if self.signs == "keep" else torch.mul(x, 1, out=buf)
-            return c.mul_(h).mul_(2)
-        live = h > 0
-        xs = torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))  # -inf * 0 guard
-        if self.variant == "paper":
-            c = 2 * (xs.abs() if self.signs == "keep" else xs) * h
-        else:
-            dim = _softmax_dim(ctx)
-            ninf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
-            h_abs = torch.softmax(torch.where(live, xs.abs(), ninf), dim=dim)
-            h_abs = torch.nan_to_num(h_abs, nan=0.0)  # rows masked entirely
-            c = xs * h + xs.abs() * h_abs
-        return c
-
-
-# --------------------------------------------------------------------------------------------
-# LayerNorm
-
-
-def layer_norm_params(ctx: NodeContext):
-    """(x, normalized_shape, weight or None, bias or None, eps) of a LayerNorm module or call."""
-    x = ctx.inputs[0]
-    m = ctx.module
-    if m is not None:
-        return x, tuple(m.normalized_shape), m.weight, m.bias, m.eps
-    a = list(ctx.args) + [None] * 5
-    kw = ctx.kwargs
-    shape = kw.get("normalized_shape", a[1])
-    w = kw.get("weight", a[2])
-    b = kw.get("bias", a[3])
-    eps = kw.get("eps", a[4] if a[4] is not None else 1e-5)
-    return x, tuple(shape), w, b, eps
-
-
-def _stats(x: Tensor, n: int, eps: float):
-    dims = tuple(range(x.dim() - n, x.dim()))
-    var, mu = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
-    return mu, torch.sqrt(var + eps)
-
-
-class AbsLayerNorm(_CoefficientRule):
-    """absLRP LayerNorm (spec 2.6), statistics constant; parameters take no relevance.
-
-    Args:
-        variant: ``"paper"`` (twin ``|g||x - mu|/s + |b|``) or ``"head"`` (twin with the
-            statistics recomputed on ``|x|``).
-        signs: paper variant only, as for :class:`AbsSoftmax`.
-    """
-
-    kind = "abslrp.layernorm"
-
-    def coefficient(self, ctx) -> Tensor:
-        """The contribution per unit ``S`` (see the class doc)."""
-        x, shape, w, _, eps = layer_norm_params(ctx)
-        n = len(shape)
-        g = w if w is not None else torch.ones(shape, dtype=x.dtype, device=x.device)
-        mu, sd = _stats(x, n, eps)
-        if self.variant == "paper":  # x (g + |g| sign(x - mu)) / sd, in place on one buffer
-            c = torch.sub(x, mu, out=temp(ctx, "coefficient", x)).sign_().mul_(g.abs()).add_(g).mul_(x).div_(sd)
-            if self.signs == "keep":
-                c = c.abs_()
-        else:
-            xa = x.abs()
-            _, sd_abs = _stats(xa, n, eps)
-            c = x * g / sd + xa * g.abs() / sd_abs
-        return c
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,23 +274,3 @@ extend_preset("*", classic_transformer_table)
 extend_preset("abslrp", _abs_table("paper"))
 extend_preset("abslrp-renorm", _abs_table("head"))
 
-
-def _product_mass(ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
-    """The column mass of a product: the total contribution into each output, summed over the
-    activation operands (``n (h + |a| |b|)`` for a bilinear product of ``n`` activations); a matmul
-    writes it into ``out`` when given (a free buffer shaped like the output)."""
-    p = _product(ctx)
-    eq, a, b = p.eq, p.a, p.b
-    n = int(p.want_a) + int(p.want_b)
-    h = ctx.output
-    if eq is not None:
-        habs = torch.einsum(eq, a.abs(), b.abs())
-    elif ctx.target in MATMULS:
-        a_pos, b_pos, abs_a, abs_b = _operand_facts(a, b, ctx)
-        left, right = (a if a_pos else abs_a()), (b if b_pos else abs_b())
-        if out is not None and not torch.is_grad_enabled() and out.shape == h.shape and a.dim() > 1 and b.dim() > 1:
-            return torch.matmul(left, right, out=out).add_(h).mul_(n)
-        habs = torch.matmul(left, right)
-    else:
-        habs = (a * b).abs()
-    return torch.add(h, habs).mul_(n)

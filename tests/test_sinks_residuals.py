@@ -36,7 +36,10 @@ def test_sinks_close_the_books(bundled, rules):
         assert "renormalisation" in by_kind(e)
     if name == "vit":
         kinds = set(by_kind(e))
-        assert {"position embedding", "token"} <= kinds, kinds
+        assert "position embedding" in kinds, kinds
+        # the paper preset gives the class token's slot nothing at the concat (its share moves to
+        # the patch tokens, as the paper-era code does); every other preset absorbs it there
+        assert ("token" in kinds) == (rules != "abslrp"), kinds
     assert "start relevance" in sink_table(e)
 
 

@@ -215,10 +215,29 @@ def test_softmax_matches_literal(variant, signs):
 def test_softmax_paper_keep_conserves_signed_masses():
     x = torch.randn(3, 6, dtype=D)
     R = torch.randn(1, 3, 6, dtype=D)
-    s = T.AbsSoftmax("paper")(ctx_for(torch.softmax, (x,), {"dim": -1}), R)[0]
+    s = T.AbsSoftmax("paper", signs="keep")(ctx_for(torch.softmax, (x,), {"dim": -1}), R)[0]
     assert bool((s.pos >= 0).all()) and bool((s.neg <= 0).all())
     torch.testing.assert_close(s.pos.sum(-1), R.clamp(min=0).sum(-1))
     torch.testing.assert_close(s.neg.sum(-1), R.clamp(max=0).sum(-1))
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_softmax_paper_flip_conserves_stream_masses(report):
+    """The default paper-era softmax keeps the sign of 2 x h: where a score is negative, part of
+    a stream flips sign; each stream keeps its mass as an L1 norm, and the one-pass form (no
+    report) gives the two-stream result."""
+    x = torch.randn(3, 6, dtype=D)
+    R = torch.randn(1, 3, 6, dtype=D)
+    ctx = ctx_for(torch.softmax, (x,), {"dim": -1})
+    ctx.report = True
+    s = T.AbsSoftmax("paper")(ctx, R)[0]
+    assert bool((s.pos < 0).any())  # some positive relevance did flip (x has negative scores)
+    torch.testing.assert_close(s.pos.abs().sum(-1), R.clamp(min=0).sum(-1))
+    torch.testing.assert_close(s.neg.abs().sum(-1), R.clamp(max=0).abs().sum(-1))
+    if not report:
+        ctx2 = ctx_for(torch.softmax, (x,), {"dim": -1})
+        ctx2.report = False
+        torch.testing.assert_close(T.AbsSoftmax("paper")(ctx2, R)[0], s.total())
 
 
 # ------------------------------------------------------------------------------------------
