@@ -10,12 +10,13 @@ import torch
 from torch import Tensor, fx, nn
 
 from .canonize import fold_batchnorm
+from .checks import NonFiniteError, check_hooks, check_input, check_logits, first_nonfinite, nonfinite_error
 from .passes import normalise
 from .record import NoRuleError, batch_axes, compile_plan, record
 from .registry import Composite, get_composite
 from .report import ConservationReport, NodeBalance
 from .rule import Scratch, describe_target
-from .trace import trace
+from .trace import TRACE_LOCK, trace
 from .walk import walk
 
 TargetLike = Union[None, int, Sequence[int], Tensor]
@@ -83,6 +84,9 @@ class Explainer:
         self.model = model
         self.composite = get_composite(rules)
         gm = trace(model, self.composite.has_rule, leaf_modules, concrete_args)
+        # modules that stay one node run with their hooks; the hooks of the others would be skipped
+        self._leaves = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        check_hooks(model, self._leaves)
         self.graph_module = normalise(gm)
         if self.composite.canonize:
             fold_batchnorm(self.graph_module)
@@ -155,13 +159,17 @@ class Explainer:
         if x.dim() < 1 or x.shape[0] < 1:
             raise ValueError(f"x must have a batch dimension with at least one sample, got shape {tuple(x.shape)}")
         _check_eval(self.model)
+        check_hooks(self.model, self._leaves)
+        check_input(x)
         try:
-            rec = record(self.plan, [x, *extra_inputs])
+            with TRACE_LOCK.running():  # never while fx patches process-wide state for a trace
+                rec = record(self.plan, [x, *extra_inputs])
         except (NoRuleError, ValueError):
             raise
         except Exception as exc:
             raise ValueError(self._forward_error(x, exc)) from exc
         logits = _value_at(rec, self._start_node)
+        check_logits(logits)
         if output_relevance is not None:
             start = output_relevance.to(logits.dtype)
             if start.shape == logits.shape:
@@ -180,14 +188,24 @@ class Explainer:
             start = self.composite.start.init(logits, tgt, contrastive)
             finish = self.composite.start.finish
         with torch.no_grad():  # explicit tensor maths only: no autograd graph is built
-            axes = self._batch_axes([x, *extra_inputs], rec) if report else None
+            with TRACE_LOCK.running():
+                axes = self._batch_axes([x, *extra_inputs], rec) if report else None
             res = walk(self.plan, rec, self._start_node, start, report=report, scratch=self._scratch, axes=axes,
                        keep=set(keep) if keep is not None else None)
+        bad = first_nonfinite(res["balance"]) if report else None
+        if bad is not None:
+            raise nonfinite_error(bad, ConservationReport(res["balance"], preset=self.preset,
+                                                          masses=self.composite.start.name == "signed"))
         r_in = res["inputs"][0]
         if r_in is None:
             r_in = torch.zeros((start.shape[0],) + tuple(x.shape), dtype=logits.dtype, device=x.device)
         rel = finish(r_in, T, contrastive)
         out_dtype = x.dtype if x.is_floating_point() else rel.dtype
+        if not bool(torch.isfinite(rel).all()):
+            if not report:  # explain again with the report, which names the first non-finite node
+                self(x, target, contrastive=contrastive, output_relevance=output_relevance,
+                     extra_inputs=extra_inputs, report=True)
+            raise NonFiniteError("the input relevance holds NaN or Inf; the explanation would be wrong")
         rel = rel.to(out_dtype)
         rel = rel.movedim(0, 1) if multi else rel[0]
         if output_relevance is None and not multi:
@@ -232,12 +250,19 @@ def _targets(target: TargetLike, logits: Tensor):
     if target is None:
         t = logits.argmax(dim=1, keepdim=True)
         return t, False
+    if isinstance(target, bool) or isinstance(target, (str, bytes)):
+        raise ValueError(f"target must hold integer class indices (an int, a sequence or a tensor), got {target!r}")
     if isinstance(target, int):
+        if not 0 <= target < C:
+            raise ValueError(f"target {target} is out of range for {C} classes")
         t = torch.full((B, 1), target, dtype=torch.long, device=logits.device)
         multi = False
     else:
-        t = torch.as_tensor(target, device=logits.device)
-        if t.is_floating_point():
+        try:
+            t = torch.as_tensor(target, device=logits.device)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ValueError(f"target must hold integer class indices in [0, {C}), got {target!r}: {exc}") from exc
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"target must hold integer class indices, got dtype {t.dtype}")
         t = t.long()
         if t.dim() == 0:
@@ -249,6 +274,8 @@ def _targets(target: TargetLike, logits: Tensor):
         elif t.dim() == 2:
             if t.shape[0] != B:
                 raise ValueError(f"target has shape {tuple(t.shape)}; expected (B={B}, T)")
+            if t.shape[1] == 0:
+                raise ValueError(f"target has shape {tuple(t.shape)}: no targets to explain (give T >= 1)")
             multi = True
         else:
             raise ValueError(f"target must be an int, (B,) or (B, T); got shape {tuple(t.shape)}")

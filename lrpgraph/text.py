@@ -54,7 +54,9 @@ def trace_hf(model: nn.Module, input_names: Sequence[str] = ("input_ids", "atten
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
     try:
-        gm = symbolic_trace(model, input_names=list(input_names))
+        from .trace import TRACE_LOCK
+        with TRACE_LOCK.tracing():  # fx patches process-wide state: one trace at a time
+            gm = symbolic_trace(model, input_names=list(input_names))
     finally:
         if config is not None and use_cache is not None:
             config.use_cache = use_cache

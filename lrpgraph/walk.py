@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message
-from .report import NodeBalance, balance, stats
+from .report import NodeBalance, balance, relevance_stats, stats
 from .rule import NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1, unbroadcast
 
 
@@ -66,6 +66,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
     B = rec.batch_size
     rel: Dict[fx.Node, Relevance] = {start_node: start}
     delivered: Dict[fx.Node, Tensor] = {}  # positive mass delivered as separate streams
+    fan: Dict[fx.Node, Any] = {}  # (signed sum, mass) of what the users delivered: checks the fan-out sum
     rows: List[NodeBalance] = []
     kept: Dict[str, Relevance] = {}
     absorbed: Dict[str, Relevance] = {}
@@ -81,6 +82,9 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             kept[node.name] = r
         if node in placeholders:
             rel[node] = r  # collected below
+            if report:  # an input's own row: the fan-out sum into it is checked like any other
+                rows.append(balance(node.name, "input", "input", r, [r], B, axis=axes.get(node),
+                                    out_axes=[axes.get(node)], delivered=fan.pop(node, None)))
             continue
         rule = plan.rules.get(node)
         if rule is None and node in plan.live and node.op != "get_attr":
@@ -89,7 +93,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             what = "a parameter" if node.op == "get_attr" else "a constant (independent of the input)"
             if report:
                 rows.append(balance(node.name, node.op, "absorbed", r, None, B,
-                                    note=f"absorbed by {what}", axis=axes.get(node)))
+                                    note=f"absorbed by {what}", axis=axes.get(node), delivered=fan.pop(node, None)))
             absorbed[node.name] = r
             continue
         scratch.step()
@@ -114,7 +118,8 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             rows.append(balance(node.name, describe_target(node.op, node.target, ctx.module),
                                 rule.name, r, out, B, delivered_pos=delivered.pop(node, None),
                                 note="renormalised to unit mass after this row" if rule.renormalise else "",
-                                axis=axes.get(node), out_axes=[axes.get(s) for s in slots]))
+                                axis=axes.get(node), out_axes=[axes.get(s) for s in slots],
+                                delivered=fan.pop(node, None)))
         for s, o in zip(slots, out):
             if o is None:
                 continue
@@ -126,6 +131,12 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                 o = o.total()
             if rule.renormalise and isinstance(o, Tensor):
                 o = unit_l1(o)
+            if report:
+                st = relevance_stats(o, B, axes.get(s))
+                if st is not None:
+                    got = (st[0], st[1] - st[2])
+                    old = fan.get(s)
+                    fan[s] = got if old is None else (old[0] + got[0], old[1] + got[1])
             rel[s] = _add(rel.get(s), o)
         rec.values.pop(node, None)
         out = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
