@@ -86,7 +86,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     relevance, pred = torch.cat(rel), torch.cat(logits).argmax(1)
     titles = [f"{zoo.CLASSES[int(t)]} (pred {zoo.CLASSES[int(p)]})" for t, p in zip(y, pred)]
     png = save_grid(out / "heatmap.png", zoo.unnormalise(x), relevance, titles=titles, scale=a.scale,
-                    title=f"lrpgraph {a.rules} on the bundled {a.model}: input | relevance (channels summed)")
+                    title=f"{a.model}, {a.rules}: input | relevance")
     rep = first.conservation()  # the first chunk's report (the table shows its first sample)
     (out / "conservation.txt").write_text(
         f"Conservation report of bundled test image 0 ({zoo.CLASSES[int(y[0])]}), model {a.model}, preset "

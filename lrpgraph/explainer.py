@@ -289,5 +289,28 @@ def _targets(target: TargetLike, logits: Tensor):
 def explain(model: nn.Module, x: Tensor, target: TargetLike = None, rules: Union[str, Composite] = "abslrp",
             contrastive: bool = True) -> Tensor:
     """Explain ``model`` on ``x``: relevance shaped like ``x`` (``(B, T, ...)`` for ``(B, T)`` targets),
-    on ``x``'s device and dtype. Traces the model on every call; use :class:`Explainer` to reuse."""
+    on ``x``'s device and dtype. Traces the model on every call; use :class:`Explainer` to reuse
+    the trace, to get the logits and targets, or to read the conservation report.
+
+    Args:
+        model: a ``torch.fx``-traceable ``nn.Module`` in eval mode; it is never modified.
+        x: the input batch ``(B, ...)``, dim 0 the batch; float32, float64 or bfloat16 (float16
+            is refused), finite (a NaN or Inf sample is an error naming it).
+        target: the class to explain per sample: ``None`` (the predicted class), an int for all
+            samples, a sequence or ``(B,)`` tensor, or a ``(B, T)`` tensor for ``T`` targets per
+            sample in one batched pass.
+        rules: a preset name (``lrpgraph presets`` lists them; default ``"abslrp"``) or a
+            :class:`~lrpgraph.registry.Composite`.
+        contrastive: start from the target against the other classes (absLRP: +1 on the target,
+            -1/(C-1) elsewhere; classic presets subtract the other logits' mean); ``False``
+            explains the target logit alone.
+
+    Returns:
+        The input relevance, a tensor like ``x`` (``(B, T, *x.shape[1:])`` for ``(B, T)`` targets).
+
+    Raises:
+        NoRuleError: an op of the model has no rule in the preset (the node is named).
+        NonFiniteError: NaN or Inf in ``x``, the logits or the relevance (the first node is named).
+        LRPTraceError: the model cannot be traced (the module is named, with the fix).
+    """
     return Explainer(model, rules=rules)(x, target, contrastive=contrastive, report=False).relevance
