@@ -91,7 +91,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     (out / "conservation.txt").write_text(
         f"Conservation report of bundled test image 0 ({zoo.CLASSES[int(y[0])]}), model {a.model}, preset "
         f"{a.rules!r}: values of that sample, first relevance pass; rel.err is the worst over the first "
-        f"{len(first.logits)} image(s) and all passes (every image and pass: conservation.csv).\n\n"
+        f"{len(first.logits)} image(s) and all passes (each of those images and passes: conservation.csv).\n\n"
         + rep.table(a.tol) + "\n")
     (out / "conservation.csv").write_text(rep.to_csv())
     acc = float((pred == y).float().mean())

@@ -79,3 +79,16 @@ def test_every_option_has_help_and_no_markup(cmd):
     text = subprocess.run([sys.executable, "-m", "lrpgraph.cli", cmd, "-h"], capture_output=True, text=True).stdout
     for markup in ("``", ":func:", ":class:", "%%", "\\|"):
         assert markup not in text, f"raw markup {markup!r} in `lrpgraph {cmd} -h`"
+
+
+def test_heatmap_has_a_colour_bar_and_the_report_names_its_sample(tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    assert cli.main(["explain", "--n", "2", "--out", str(tmp_path)]) == 0
+    first = (tmp_path / "conservation.txt").read_text().splitlines()[0]
+    assert "bundled test image 0" in first and "values of that sample" in first
+    im = Image.open(tmp_path / "heatmap.png").convert("RGB")
+    w, h = im.size
+    bar = next(y for y in range(h - 1, 0, -1) if im.getpixel((4, y)) == (0, 0, 255))  # the ramp's blue end
+    assert im.getpixel((w - 5, bar)) == (255, 0, 0)  # ... and its red end, on the same row
