@@ -85,7 +85,20 @@ def parser(model: str = "resnet50", presets: Sequence[str] = ("abslrp", "abslrp-
     p.add_argument("--report", action="store_true", help="also collect the conservation report")
     p.add_argument("--allocator", choices=("default", "retain", "both"), default="both",
                    help="CPU: glibc malloc as it is, with lrpgraph.memory.retain_freed_memory(), or both")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run of the same code (a small model of the family, batch 1, one round, "
+                        "default allocator); tests/test_docs.py runs the documented commands this way")
     return p
+
+
+def quick(a: argparse.Namespace) -> argparse.Namespace:
+    """Shrink parsed arguments for ``--quick`` (in place; returns them)."""
+    if a.quick:
+        vit = a.model.startswith(("vit", "deit"))
+        a.model = "vit_tiny_patch16_224" if vit else "resnet18"
+        a.batch, a.repeats, a.allocator = 1, 1, "default"
+        a.size = 64
+    return a
 
 
 def run_allocators(script: str, argv: Sequence[str]) -> int:
@@ -100,7 +113,7 @@ def run_allocators(script: str, argv: Sequence[str]) -> int:
 
 def main(argv: Optional[List[str]] = None, p: Optional[argparse.ArgumentParser] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = (p or parser()).parse_args(argv)
+    a = quick((p or parser()).parse_args(argv))
     if a.allocator == "both" and a.device == "cpu":
         return run_allocators(os.path.abspath(__file__), argv)
     if a.allocator == "retain":
@@ -109,7 +122,8 @@ def main(argv: Optional[List[str]] = None, p: Optional[argparse.ArgumentParser] 
     device = torch.device(a.device)
     timm = import_timm()
     torch.manual_seed(0)
-    model = timm.create_model(a.model, pretrained=False, num_classes=1000).eval().to(device)
+    kw = {"img_size": a.size} if a.quick and a.model.startswith("vit") else {}  # a tiny ViT input
+    model = timm.create_model(a.model, pretrained=False, num_classes=1000, **kw).eval().to(device)
     for q in model.parameters():
         q.requires_grad_(False)
     x = torch.randn(a.batch, 3, a.size, a.size, device=device)

@@ -61,7 +61,7 @@ def main() -> int:
     p = bench_cnn.parser(model="vit_base_patch16_224", presets=("abslrp",), doc=__doc__)
     p.add_argument("--all-configs", action="store_true", help="also trace and explain every real config once")
     argv = sys.argv[1:]
-    a = p.parse_args(argv)
+    a = bench_cnn.quick(p.parse_args(argv))
     if a.allocator == "both" and a.device == "cpu":
         return bench_cnn.run_allocators(os.path.abspath(__file__), argv)
     rc = bench_cnn.main(argv, p)

@@ -7,6 +7,7 @@ from . import memory  # noqa: F401  (retain_freed_memory)
 from . import presets as _presets  # noqa: F401  (registers the built-in presets)
 from . import attention as _attention  # noqa: F401  (registers the SDPA-to-explicit-attention pass)
 from .rules import transformer as _transformer_rules  # noqa: F401  (registers the transformer rules)
+from .checks import NonFiniteError
 from .explainer import Explainer, Explanation, explain
 from .passes import register_pass
 from .record import NoRuleError
@@ -22,5 +23,5 @@ __all__ = [
     "explain", "Explainer", "Explanation", "register_rule", "unregister_rule", "register_pass",
     "Composite", "RuleTable", "get_composite", "register_composite", "composite_names",
     "ConservationReport", "NodeBalance", "NodeContext", "Rule", "LRPTraceError", "NoRuleError",
-    "RuleError", "__version__",
+    "RuleError", "NonFiniteError", "__version__",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .canonize import fold_batchnorm
+from .checks import NonFiniteError, check_hooks, check_input, check_logits, first_nonfinite, nonfinite_error
 from .passes import normalise
 from .heads import attention_nodes, collect, head_keep
 from .record import NoRuleError, batch_axes, compile_plan, record
@@ -18,7 +19,7 @@ from .registry import Composite, get_composite
 from .report import ConservationReport, NodeBalance
 from .rule import Scratch, describe_target
 from .export import ExportTraces
-from .trace import LRPTraceError, trace
+from .trace import TRACE_LOCK, LRPTraceError, trace
 from .walk import walk
 
 TargetLike = Union[None, int, Sequence[int], Tensor]
@@ -151,6 +152,7 @@ class Explainer:
                 fx_error = exc
             else:
                 self.graph_module, self.plan, self._start_node, self._axes = self._prepare(gm)
+                check_hooks(self.model, self._leaves())
         if self.plan is None:  # traced per input signature, on the first batch of each
             self._exports = ExportTraces(model, self.composite.has_rule, leaf_modules, self._prepare, fx_error)
 
@@ -168,6 +170,10 @@ class Explainer:
         start = self._output_node(plan, self._output)
         plan.keep.add(start)  # the logits are always kept
         return gm, plan, start, {}
+
+    def _leaves(self) -> set:
+        """Qualnames of the modules that run as single graph nodes (their hooks run as usual)."""
+        return {n.target for n in self.graph_module.graph.nodes if n.op == "call_module"}
 
     @property
     def preset(self) -> str:
@@ -237,14 +243,18 @@ class Explainer:
         _check_eval(self.model)
         if self._exports is not None:  # the export trace of this input signature (made on first sight)
             self.graph_module, self.plan, self._start_node, self._axes = self._exports.get([x, *extra_inputs])
+        check_hooks(self.model, self._leaves())
+        check_input(x)
         fwd = ForwardSums(self.plan, x.shape[0]) if report else None  # residual ratio C
         try:
-            rec = record(self.plan, [x, *extra_inputs], observe=fwd)
+            with TRACE_LOCK.running():  # never while fx patches process-wide state for a trace
+                rec = record(self.plan, [x, *extra_inputs], observe=fwd)
         except (NoRuleError, ValueError):
             raise
         except Exception as exc:
             raise ValueError(self._forward_error(x, exc)) from exc
         logits = _value_at(rec, self._start_node)
+        check_logits(logits)
         if output_relevance is not None:
             start = output_relevance.to(logits.dtype)
             if start.shape == logits.shape:
@@ -263,7 +273,8 @@ class Explainer:
             start = self.composite.start.init(logits, tgt, contrastive)
             finish = self.composite.start.finish
         with torch.no_grad():  # explicit tensor maths only: no autograd graph is built
-            axes = self._batch_axes([x, *extra_inputs], rec) if report else None
+            with TRACE_LOCK.running():
+                axes = self._batch_axes([x, *extra_inputs], rec) if report else None
             keep_set = set(keep) if keep is not None else None
             attn = attention_nodes(self.plan, rec.shapes) if heads else []
             if attn:
@@ -271,6 +282,10 @@ class Explainer:
             shapes = {n.name: s for n, s in rec.shapes.items()} if report else {}
             res = walk(self.plan, rec, self._start_node, start, report=report, scratch=self._scratch, axes=axes,
                        keep=keep_set)
+        bad = first_nonfinite(res["balance"]) if report else None
+        if bad is not None:
+            raise nonfinite_error(bad, ConservationReport(res["balance"], preset=self.preset,
+                                                          masses=self.composite.start.name == "signed"))
         kept = res["kept"]
         head_figs = collect(kept, attn) if attn else {}
         if attn:
@@ -280,6 +295,11 @@ class Explainer:
             r_in = torch.zeros((start.shape[0],) + tuple(x.shape), dtype=logits.dtype, device=x.device)
         rel = finish(r_in, T, contrastive)
         out_dtype = x.dtype if x.is_floating_point() else rel.dtype
+        if not bool(torch.isfinite(rel).all()):
+            if not report:  # explain again with the report, which names the first non-finite node
+                self(x, target, contrastive=contrastive, output_relevance=output_relevance,
+                     extra_inputs=extra_inputs, report=True)
+            raise NonFiniteError("the input relevance holds NaN or Inf; the explanation would be wrong")
         rel = rel.to(out_dtype)
         rel = rel.movedim(0, 1) if multi else rel[0]
         if output_relevance is None and not multi:
@@ -326,12 +346,19 @@ def _targets(target: TargetLike, logits: Tensor):
     if target is None:
         t = logits.argmax(dim=1, keepdim=True)
         return t, False
+    if isinstance(target, bool) or isinstance(target, (str, bytes)):
+        raise ValueError(f"target must hold integer class indices (an int, a sequence or a tensor), got {target!r}")
     if isinstance(target, int):
+        if not 0 <= target < C:
+            raise ValueError(f"target {target} is out of range for {C} classes")
         t = torch.full((B, 1), target, dtype=torch.long, device=logits.device)
         multi = False
     else:
-        t = torch.as_tensor(target, device=logits.device)
-        if t.is_floating_point():
+        try:
+            t = torch.as_tensor(target, device=logits.device)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ValueError(f"target must hold integer class indices in [0, {C}), got {target!r}: {exc}") from exc
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise ValueError(f"target must hold integer class indices, got dtype {t.dtype}")
         t = t.long()
         if t.dim() == 0:
@@ -343,6 +370,8 @@ def _targets(target: TargetLike, logits: Tensor):
         elif t.dim() == 2:
             if t.shape[0] != B:
                 raise ValueError(f"target has shape {tuple(t.shape)}; expected (B={B}, T)")
+            if t.shape[1] == 0:
+                raise ValueError(f"target has shape {tuple(t.shape)}: no targets to explain (give T >= 1)")
             multi = True
         else:
             raise ValueError(f"target must be an int, (B,) or (B, T); got shape {tuple(t.shape)}")
@@ -356,6 +385,31 @@ def _targets(target: TargetLike, logits: Tensor):
 def explain(model: nn.Module, x: Tensor, target: TargetLike = None, rules: Union[str, Composite] = "abslrp",
             contrastive: bool = True, tracer: str = "auto") -> Tensor:
     """Explain ``model`` on ``x``: relevance shaped like ``x`` (``(B, T, ...)`` for ``(B, T)`` targets),
-    on ``x``'s device and dtype. Traces the model on every call; use :class:`Explainer` to reuse.
-    ``tracer``: ``"auto"`` (fx, else torch.export), ``"fx"`` or ``"export"`` (see :class:`Explainer`)."""
+    on ``x``'s device and dtype. Traces the model on every call; use :class:`Explainer` to reuse
+    the trace, to get the logits and targets, or to read the conservation report.
+
+    Args:
+        model: an ``nn.Module`` in eval mode that ``torch.fx`` or ``torch.export`` can trace; it is
+            never modified.
+        x: the input batch ``(B, ...)``, dim 0 the batch; float32, float64 or bfloat16 (float16
+            is refused), finite (a NaN or Inf sample is an error naming it).
+        target: the class to explain per sample: ``None`` (the predicted class), an int for all
+            samples, a sequence or ``(B,)`` tensor, or a ``(B, T)`` tensor for ``T`` targets per
+            sample in one batched pass.
+        rules: a preset name (``lrpgraph presets`` lists them; default ``"abslrp"``) or a
+            :class:`~lrpgraph.registry.Composite`.
+        contrastive: start from the target against the other classes (absLRP: +1 on the target,
+            -1/(C-1) elsewhere; classic presets subtract the other logits' mean); ``False``
+            explains the target logit alone.
+        tracer: ``"auto"`` (fx, and ``torch.export`` where fx cannot trace the model), ``"fx"`` or
+            ``"export"`` (see :class:`Explainer`).
+
+    Returns:
+        The input relevance, a tensor like ``x`` (``(B, T, *x.shape[1:])`` for ``(B, T)`` targets).
+
+    Raises:
+        NoRuleError: an op of the model has no rule in the preset (the node is named).
+        NonFiniteError: NaN or Inf in ``x``, the logits or the relevance (the first node is named).
+        LRPTraceError: the model cannot be traced (the module is named, with the fix).
+    """
     return Explainer(model, rules=rules, tracer=tracer)(x, target, contrastive=contrastive, report=False).relevance

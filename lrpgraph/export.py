@@ -34,7 +34,7 @@ from torch import Tensor, fx, nn
 
 from . import aten as A
 from .passes import normalise
-from .trace import LRPTraceError
+from .trace import TRACE_LOCK, LRPTraceError
 
 _ASSERTS = ("_assert", "sym_constrain_range")
 
@@ -62,7 +62,7 @@ def export_graph(model: nn.Module, inputs: List[Any], has_rule: Callable[[nn.Mod
     dyn = tuple({d: torch.export.Dim.AUTO for d in dims if d < min(v.dim(), len(ref)) and v.shape[d] == ref[d]}
                 or None for v in inputs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), TRACE_LOCK.tracing():  # one trace at a time in the process
             ep = torch.export.export(model, args, dynamic_shapes=dyn, strict=False)
     except Exception as exc:
         raise ExportTraceError(f"torch.export failed: {type(exc).__name__}: {_short(exc)}") from exc

@@ -58,15 +58,24 @@ def _to_pil(Image, rgb: Tensor):
     return Image.frombytes("RGB", (w, h), bytes(rgb.contiguous().reshape(-1).tolist()))
 
 
+LEGEND = ("red: evidence for the explained class, blue: against it, white: none; "
+          "each map is scaled to its own largest |relevance|")
+
+
 def save_grid(path: Union[str, Path], images: Optional[Tensor], relevance: Tensor,
-              titles: Optional[Sequence[str]] = None, scale: int = 4) -> Path:
-    """Write a PNG: one row per sample with the input (if given) beside its heatmap.
+              titles: Optional[Sequence[str]] = None, scale: int = 4, title: Optional[str] = None,
+              legend: bool = True) -> Path:
+    """Write a PNG: one row per sample with the input (if given) beside its heatmap, under a
+    ``title`` and over a colour bar (``legend``) that says what red and blue mean and that every
+    map is scaled to its own maximum, so the figure reads on its own.
 
     Args:
         images: display images ``(B, 3, H, W)`` or ``(B, 1, H, W)`` in ``[0, 1]``, or ``None``.
         relevance: ``(B, C, H, W)`` or ``(B, H, W)`` relevance.
         titles: optional caption per row (drawn above the row in Pillow's default font).
         scale: integer upscaling (nearest) so that small images stay readable.
+        title: a line drawn above the grid (e.g. the model and the preset).
+        legend: draw the colour bar and its explanation below the grid.
     """
     Image = _pil()
     from PIL import ImageDraw
@@ -82,10 +91,26 @@ def save_grid(path: Union[str, Path], images: Optional[Tensor], relevance: Tenso
     cap = 12 if titles else 0
     pad = 4
     cell_w, cell_h = W * scale, H * scale
-    canvas = Image.new("RGB", (len(cols) * (cell_w + pad) + pad, B * (cell_h + cap + pad) + pad), "white")
+    top = 16 if title else 0
+    words = LEGEND.replace(";", ";\n").split("\n") if legend else []
+    bottom = (14 + 12 * (len(words) + 1)) if legend else 0
+    width = max(len(cols) * (cell_w + pad) + pad, 330 if legend else 0)
+    canvas = Image.new("RGB", (width, top + B * (cell_h + cap + pad) + pad + bottom), "white")
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0))
+    if legend:
+        y0 = top + B * (cell_h + cap + pad) + pad
+        bar_w = width - 2 * pad
+        ramp = seismic(torch.linspace(-1, 1, bar_w)).unsqueeze(0).expand(10, -1, -1)
+        canvas.paste(_to_pil(Image, ramp), (pad, y0))
+        draw.text((pad, y0 + 11), "-max", fill=(0, 0, 160))
+        draw.text((pad + bar_w // 2 - 3, y0 + 11), "0", fill=(0, 0, 0))
+        draw.text((pad + bar_w - 28, y0 + 11), "+max", fill=(160, 0, 0))
+        for k, line in enumerate(words):
+            draw.text((pad, y0 + 23 + 12 * k), line.strip(), fill=(0, 0, 0))
     for i in range(B):
-        y = pad + i * (cell_h + cap + pad)
+        y = top + pad + i * (cell_h + cap + pad)
         if titles:
             draw.text((pad, y), str(titles[i]), fill=(0, 0, 0))
         for j, col in enumerate(cols):

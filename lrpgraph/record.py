@@ -254,7 +254,9 @@ def batch_axes(plan: Plan, inputs: List[Any], rec: Recording) -> Optional[Dict[f
     env: Dict[fx.Node, Any] = {}
     it = iter(inputs)
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        mode.cache_enabled = False  # its cache is class-level: inputs of many shapes would grow it forever
+        with torch.no_grad(), mode:
             for node in plan.nodes:
                 if node.op == "placeholder":
                     v = next(it, None)

@@ -14,6 +14,12 @@ Each row holds, per relevance pass k and sample b (tensors shaped ``(K, B)``):
   = max(|in_pos - out_pos|, |in_neg - out_neg|), which the sign-split ``abslrp`` preset also keeps
   (the report checks it for that preset; classic LRP-0 keeps the total but not the masses).
 
+* ``fanout_err``: where a node's value feeds several users, |what the users delivered - ``in_sum``|,
+  so relevance lost (or made) in the fan-out sum itself is a leak of that node too; an input
+  (placeholder) gets a row of its own for this check (rule ``input``).
+
+Any NaN or Inf in a row makes its error infinite: it is always a leak, never a pass.
+
 Nodes that absorb relevance by design (parameters such as a position embedding, constants) get a
 row with ``out = 0`` and a note, and are not counted as leaks.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
 
@@ -110,6 +117,15 @@ class NodeBalance:
     cancelled: Tensor
     note: str = ""
     by_design: bool = False
+    delivered_sum: Optional[Tensor] = None   # (K, B): what the node's users delivered, summed
+    delivered_mass: Optional[Tensor] = None  # (K, B): the absolute mass of those deliveries
+
+    @property
+    def fanout_err(self) -> Tensor:
+        """|delivered_sum - in_sum|: relevance lost or made where the users' relevance was summed."""
+        if self.delivered_sum is None:
+            return torch.zeros_like(self.in_sum)
+        return (self.delivered_sum - self.in_sum).abs()
 
     @property
     def abs_err(self) -> Tensor:
@@ -133,17 +149,27 @@ class NodeBalance:
     def worst(self, masses: bool = False) -> float:
         """The largest relative error over passes and samples (0 for by-design absorption);
         with ``masses`` the positive and negative masses count as well."""
-        if self.by_design:
-            return 0.0
-        err = self.abs_err if not masses else torch.maximum(self.abs_err, self.mass_err)
-        return float((err / self.scale).max())
+        # the fan-out sum is judged against the mass that was summed (which may have cancelled)
+        fan = self.fanout_err / (self.scale + (self.delivered_mass if self.delivered_mass is not None else 0))
+        w = float(fan.max())
+        if not self.by_design:
+            err = self.abs_err if not masses else torch.maximum(self.abs_err, self.mass_err)
+            w = max(w, float((err / self.scale).max()))
+        return math.inf if not math.isfinite(w) or not self.finite() else w
+
+    def finite(self) -> bool:
+        """Whether every figure of the row is finite (NaN or Inf relevance is always a leak)."""
+        ts = [self.in_sum, self.in_pos, self.in_neg, self.out_sum, self.out_pos, self.out_neg]
+        ts += [t for t in (self.delivered_sum,) if t is not None]
+        return all(bool(torch.isfinite(t).all()) for t in ts)
 
 
 def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
             note: str = "", delivered_pos: Optional[Tensor] = None, axis=None,
-            out_axes: Optional[Sequence] = None) -> NodeBalance:
+            out_axes: Optional[Sequence] = None, delivered=None) -> NodeBalance:
     """Build a row from a node's incoming relevance and its rule's per-slot output (``axis`` and
-    ``out_axes``: the batch axes of the node's value and of each slot's, if known)."""
+    ``out_axes``: the batch axes of the node's value and of each slot's, if known; ``delivered``:
+    ``(sum, mass)`` of what the node's users delivered, for the fan-out check)."""
     by_design = outs is None  # absorbed on purpose (parameters, constants)
     s_in = relevance_stats(r_in, batch, axis)
     outs = list(outs or [])
@@ -154,8 +180,9 @@ def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch
         s_out = (zero, zero, zero)
     cancelled = zero if delivered_pos is None else (delivered_pos - s_in[1]).clamp(min=0)
     cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    d_sum, d_mass = (cpu(delivered[0]), cpu(delivered[1])) if delivered is not None else (None, None)
     return NodeBalance(name, op, rule, *(cpu(t) for t in s_in), *(cpu(t) for t in s_out),
-                       cpu(cancelled), note=note, by_design=by_design)
+                       cpu(cancelled), note=note, by_design=by_design, delivered_sum=d_sum, delivered_mass=d_mass)
 
 
 @dataclass
@@ -207,7 +234,7 @@ class ConservationReport:
         lines = []
         for r in self.rows:
             w = r.worst(m)
-            flag = "LEAK" if w > tol else ("by design" if r.by_design else "")
+            flag = ("LEAK non-finite" if not r.finite() else "LEAK") if w > tol else ("by design" if r.by_design else "")
             v = lambda t: f"{float(t[0, b]):.6g}"  # noqa: E731
             lines.append((r.name, _short(r.op), r.rule, v(r.in_sum), v(r.out_sum), v(r.in_pos),
                           v(r.out_pos), v(r.in_neg), v(r.out_neg), v(r.cancelled),
@@ -227,16 +254,17 @@ class ConservationReport:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["node", "op", "rule", "pass", "sample", "in_sum", "out_sum", "in_pos", "out_pos",
-                    "in_neg", "out_neg", "cancelled", "abs_err", "rel_err", "mass_err", "by_design", "note"])
+                    "in_neg", "out_neg", "cancelled", "abs_err", "rel_err", "mass_err", "by_design", "note",
+                    "fanout_err"])
         for r in self.rows:
             ae, re_ = r.abs_err, r.rel_err
-            me = r.mass_err
+            me, fe = r.mass_err, r.fanout_err
             for k in range(r.in_sum.shape[0]):
                 for b in range(r.in_sum.shape[1]):
                     w.writerow([r.name, r.op, r.rule, k, b] +
                                [f"{float(t[k, b]):.9g}" for t in (r.in_sum, r.out_sum, r.in_pos, r.out_pos,
                                                                    r.in_neg, r.out_neg, r.cancelled, ae, re_, me)] +
-                               [int(r.by_design), r.note])
+                               [int(r.by_design), r.note, f"{float(fe[k, b]):.9g}"])
         return buf.getvalue()
 
 

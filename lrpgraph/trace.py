@@ -7,9 +7,65 @@ says how to make it a leaf.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional
+import copy
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional
 
 from torch import fx, nn
+
+
+class _TraceLock:
+    """Process-wide reader/writer lock around ``torch.fx`` tracing.
+
+    Why: fx patches process-wide state while it traces (``nn.Module.__call__`` and friends). Two
+    traces at once can leave the patches half undone (every later ``model(x)`` then fails), and a
+    forward that runs during a trace is intercepted by the tracer. Tracing is the writer; lrpgraph's
+    own forwards (recording, the batch-axis probe) are readers, so they never overlap a trace but
+    run in parallel with each other.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: Optional[int] = None  # thread id of the tracing thread
+        self._depth = 0
+
+    @contextmanager
+    def tracing(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me:  # re-entrant for the tracing thread
+                self._cond.wait_for(lambda: self._writer is None and self._readers == 0)
+                self._writer = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._writer = None
+                    self._cond.notify_all()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            mine = self._writer == me  # a forward inside this thread's own trace
+            if not mine:
+                self._cond.wait_for(lambda: self._writer is None)
+                self._readers += 1
+        try:
+            yield
+        finally:
+            if not mine:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+
+TRACE_LOCK = _TraceLock()
 
 
 class LRPTraceError(RuntimeError):
@@ -65,11 +121,12 @@ def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
     The returned module shares parameters and submodules with ``model``; nothing in ``model`` is
     changed. Raises :class:`LRPTraceError` naming the module that could not be traced.
     """
-    if isinstance(model, fx.GraphModule):
-        return fx.GraphModule(model, model.graph)
+    if isinstance(model, fx.GraphModule):  # a copy of its graph: the passes rewrite ours, never the user's
+        return fx.GraphModule(model, copy.deepcopy(model.graph))
     tracer = LRPTracer(has_rule, leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with TRACE_LOCK.tracing():
+            graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         where = tracer.failed_in
         if where is not None and where[0] != "":

@@ -71,6 +71,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
     B = rec.batch_size
     rel: Dict[fx.Node, Relevance] = {start_node: start}
     delivered: Dict[fx.Node, Tensor] = {}  # positive mass delivered as separate streams
+    fan: Dict[fx.Node, Any] = {}  # (signed sum, mass) of what the users delivered: checks the fan-out sum
     rows: List[NodeBalance] = []
     kept: Dict[str, Relevance] = {}
     absorbed: Dict[str, Relevance] = {}
@@ -87,6 +88,9 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             kept[node.name] = r
         if node in placeholders:
             rel[node] = r  # collected below
+            if report:  # an input's own row: the fan-out sum into it is checked like any other
+                rows.append(balance(node.name, "input", "input", r, [r], B, axis=axes.get(node),
+                                    out_axes=[axes.get(node)], delivered=fan.pop(node, None)))
             continue
         rule = plan.rules.get(node)
         if rule is None and node in plan.live and node.op != "get_attr":
@@ -95,7 +99,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             what = "a parameter" if node.op == "get_attr" else "a constant (independent of the input)"
             if report:
                 rows.append(balance(node.name, node.op, "absorbed", r, None, B,
-                                    note=f"absorbed by {what}", axis=axes.get(node)))
+                                    note=f"absorbed by {what}", axis=axes.get(node), delivered=fan.pop(node, None)))
             absorbed[node.name] = r
             continue
         scratch.step()
@@ -120,7 +124,8 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             rows.append(balance(node.name, describe_target(node.op, node.target, ctx.module),
                                 rule.name, r, out, B, delivered_pos=delivered.pop(node, None),
                                 note="renormalised to unit mass after this row" if rule.renormalise else "",
-                                axis=axes.get(node), out_axes=[axes.get(s) for s in slots]))
+                                axis=axes.get(node), out_axes=[axes.get(s) for s in slots],
+                                delivered=fan.pop(node, None)))
         for j, (s, o) in enumerate(zip(slots, out)):
             if o is None:
                 continue
@@ -134,8 +139,11 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             if rule.renormalise and isinstance(o, Tensor):
                 o = unit_l1(o)
             if sent is not None:
-                got = sent[0] if not rule.renormalise else relevance_stats(o, B, axes.get(s))[0]
-                edges.append((node.name, s.name, j, sent, got))
+                st = sent if not rule.renormalise else relevance_stats(o, B, axes.get(s))
+                edges.append((node.name, s.name, j, sent, st[0]))
+                got = (st[0], st[1] - st[2])  # what this user delivered: signed sum and mass
+                old = fan.get(s)
+                fan[s] = got if old is None else (old[0] + got[0], old[1] + got[1])
             rel[s] = _add(rel.get(s), o)
         rec.values.pop(node, None)
         out = o = pos = r = None  # drop this node's references, so the next nodes own their relevance

@@ -289,6 +289,16 @@ class Attribute(Structural):
 
     def route(self, ctx, r):
         shape = ctx.input_shapes[0]
+        if isinstance(r, Tensor) and isinstance(shape, tuple) and shape and isinstance(shape[0], torch.Size):
+            # a field of a tuple-valued op (``torch.sort(x).values``): route like ``[index]``, so
+            # the producer's rule (or its missing-rule error) sees the relevance; never drop it
+            index = _return_field_index(ctx.args[1])
+            if index is None or index >= len(shape):
+                raise NotImplementedError(f"{ctx.describe()}: cannot tell which element of the tuple "
+                                          f"the field {ctx.args[1]!r} is; use [index] instead")
+            out = [None] * len(shape)
+            out[index] = r
+            return out
         if not isinstance(r, Tensor) or not isinstance(shape, torch.Size):
             return None  # e.g. a field of a model-output object: nothing to route into
         attr, nd = ctx.args[1], len(shape)
@@ -300,6 +310,18 @@ class Attribute(Structural):
             return r
         raise NotImplementedError(f"{ctx.describe()}: no relevance rule for the tensor attribute "
                                   f"{attr!r}; register one for builtins.getattr")
+
+
+def _return_field_index(field: str):
+    """The position of ``field`` in torch's named-tuple return types (``values`` -> 0,
+    ``indices`` -> 1), or ``None`` where the name is unknown or differs between types."""
+    found = set()
+    for t in vars(torch.return_types).values():
+        if isinstance(t, type) and hasattr(t, "n_fields"):
+            names = [k for k, v in vars(t).items() if type(v).__name__ == "member_descriptor"]
+            if field in names:
+                found.add(names.index(field))
+    return found.pop() if len(found) == 1 else None
 
 
 class NoRelevance(Rule):

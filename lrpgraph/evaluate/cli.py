@@ -3,7 +3,7 @@ table, a CSV and a plot.
 
 Example::
 
-    lrpgraph evaluate --models vgg resnet vit --methods all --metrics gae abpc --n 256 --out results/
+    lrpgraph evaluate --models vgg resnet vit --methods all --metrics gae abpc --n 256 --out out/evaluate
 
 Models come from ``lrpgraph.zoo.load(name)`` and images from ``lrpgraph.zoo.load_samples(n)``.
 Every score is reported as its mean with a percentile-bootstrap confidence interval over mosaics
@@ -40,36 +40,41 @@ SHORT = {"gae": "GAE", "gae_median": "GAE med", "local_consistency": "LC", "fait
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lrpgraph evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["vgg", "resnet", "vit"], help="zoo model names")
+    from ..cliargs import Parser, device, positive_int
+
+    p = Parser(prog="lrpgraph evaluate", description=" ".join(__doc__.split("\n\n")[0].replace("``", "").split()),
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["vgg", "resnet", "vit"], help="bundled trained models")
     p.add_argument("--methods", nargs="+", default=["all"],
                    help=f"attribution methods, or 'all' (= {' '.join(method_names())}), "
                         f"'presets', 'baselines'; aliases: {', '.join(sorted(ALIASES))}")
-    p.add_argument("--metrics", nargs="+", default=["gae", "abpc"], choices=["gae", "abpc", "srg"])
-    p.add_argument("--n", type=int, default=256, help="number of bundled images (GAE: rounded down to a multiple of 4)")
-    p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--batch-size", type=int, default=32, help="images per chunk (multiple of 4)")
+    p.add_argument("--metrics", nargs="+", default=["gae", "abpc"], choices=["gae", "abpc", "srg"], help="metrics to compute")
+    p.add_argument("--n", type=positive_int, default=256,
+                   help="number of bundled images, 4..512 (GAE: rounded down to a multiple of 4)")
+    p.add_argument("--out", default=os.path.join("out", "evaluate"), help="output folder (created)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per chunk (multiple of 4)")
     p.add_argument("--seed", type=int, default=0, help="seeds GAE's positive sampling, SmoothGrad and random")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="GAE seeds to average over (default: --seed only); each draws other positives")
     p.add_argument("--ci-level", type=float, default=0.95, help="confidence level of the bootstrap intervals")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples per interval")
     p.add_argument("--gae-steps", type=int, default=10, help="GAE masking steps T")
-    p.add_argument("--abpc-unit", default="pixel", choices=["element", "pixel", "patch"])
-    p.add_argument("--abpc-patch", type=int, default=4, help="patch size for --abpc-unit patch")
-    p.add_argument("--abpc-steps", type=int, default=10, help="ABPC perturbation steps (0%% point included)")
+    p.add_argument("--abpc-unit", default="pixel", choices=["element", "pixel", "patch"],
+                   help="what ABPC perturbs at a time")
+    p.add_argument("--abpc-patch", type=positive_int, default=4, help="patch size for --abpc-unit patch")
+    p.add_argument("--abpc-steps", type=positive_int, default=10, help="ABPC perturbation steps (0%% point included)")
     p.add_argument("--abpc-baseline", default="0", help="a number, 'mean' or 'black'")
-    p.add_argument("--abpc-score", default="logit", choices=["logit", "probability"])
-    p.add_argument("--srg-patch", type=int, default=4,
+    p.add_argument("--abpc-score", default="logit", choices=["logit", "probability"],
+                   help="the model score that the ABPC curves follow")
+    p.add_argument("--srg-patch", type=positive_int, default=4,
                    help="SRG patch size (4: an 8x8 grid on the 32x32 bundled images)")
-    p.add_argument("--srg-steps", type=int, default=100, help="SRG perturbation steps (capped at the patch count)")
+    p.add_argument("--srg-steps", type=positive_int, default=100, help="SRG perturbation steps (capped at the patch count)")
     p.add_argument("--srg-baseline", default="dataset-mean",
                    help="SRG fill: 'dataset-mean' (per-channel mean over the --n images) or a number")
-    p.add_argument("--ig-steps", type=int, default=16,
+    p.add_argument("--ig-steps", type=positive_int, default=16,
                    help="integrated gradients: interpolation steps (small: GAE explains 5 inputs per image)")
-    p.add_argument("--sg-n", type=int, default=8, help="SmoothGrad: noisy samples (small, as --ig-steps)")
-    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--sg-n", type=positive_int, default=8, help="SmoothGrad: noisy samples (small, as --ig-steps)")
+    p.add_argument("--device", default=None, type=device, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -326,7 +331,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    from ..cliargs import fail, writable_dir
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    known = getattr(_load_zoo(), "MODELS", None)
+    unknown = [m for m in args.models if known is not None and m not in known]
+    if unknown:
+        parser.error(f"--models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.gae_steps < 2:
+        parser.error(f"--gae-steps must be at least 2, got {args.gae_steps}")
+    if args.n > 512:
+        parser.error(f"--n {args.n}: only 512 test images are bundled")
+    if args.abpc_baseline not in ("mean", "black"):
+        try:
+            float(args.abpc_baseline)
+        except ValueError:
+            parser.error(f"--abpc-baseline {args.abpc_baseline!r}: give a number, 'mean' or 'black'")
     if args.batch_size < 4 or args.batch_size % 4:
         print("lrpgraph evaluate: --batch-size must be a positive multiple of 4", file=sys.stderr)
         return 2
@@ -341,6 +362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.n < 4:
         print("lrpgraph evaluate: --n must be at least 4 (one GAE mosaic)", file=sys.stderr)
         return 2
+    writable_dir("lrpgraph evaluate", args.out)  # before the run, not after it
+    try:
+        _expand_methods(args.methods)
+    except SystemExit as exc:
+        fail("lrpgraph evaluate", str(exc).replace("lrpgraph evaluate: ", ""))
     t0 = time.perf_counter()
     try:
         samples: dict = {}

@@ -76,6 +76,8 @@ class _Perturbation:
                  features_per_step: Optional[Union[int, float]] = None, include_zero: bool = True,
                  score: str = "logit", channel_reduce: str = "sum", batch_size: int = 64,
                  progress: bool = True):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if unit not in ("element", "pixel", "patch"):
             raise ValueError(f"unit must be 'element', 'pixel' or 'patch', got {unit!r}")
         if score not in ("logit", "probability"):
