@@ -115,7 +115,8 @@ def build(e: Any, tol: float = 1e-5, level: int = 1) -> nx.DiGraph:
                                      worst=0.0, leak=False)
         r = rows.get(n.name)
         if r is not None:
-            attrs.update(op=r.op, rule=r.rule, note=r.note, kind="absorbed" if r.by_design else "op",
+            kind = "input" if n.op == "placeholder" else ("absorbed" if r.by_design else "op")
+            attrs.update(op=r.op, rule=r.rule, note=r.note, kind=kind,
                          worst=r.worst(masses), leak=r.worst(masses) > tol,
                          **{f: _np(getattr(r, f)) for f in FIGURES})
         if n.name in sinks:

@@ -17,7 +17,8 @@ from lrpgraph.graph import FIGURES, block_of, collapse, to_node_link, write_grap
 def _check_graph(e, tol=1e-9):
     g = e.graph()
     rows = e.conservation().rows
-    assert len([n for n, d in g.nodes(data=True) if d["kind"] != "input"]) == len(rows)
+    assert len([n for n, d in g.nodes(data=True) if d["kind"] != "input"]) == len([r for r in rows if r.rule != "input"])
+    assert {r.name for r in rows} <= set(g.nodes)  # an input's row (its fan-out check) is its node
     for r in rows:  # node figures are the report's rows
         d = g.nodes[r.name]
         assert d["rule"] == r.rule

@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abpc-baseline", default="0", help="a number, 'mean' or 'black'")
     p.add_argument("--abpc-score", default="logit", choices=["logit", "probability"],
                    help="the model score that the ABPC curves follow")
-    p.add_argument("--srg-patch", type=positive_int, default=4,
+    p.add_argument("--srg-patch", type=int, default=4,
                    help="SRG patch size (4: an 8x8 grid on the 32x32 bundled images)")
-    p.add_argument("--srg-steps", type=positive_int, default=100, help="SRG perturbation steps (capped at the patch count)")
+    p.add_argument("--srg-steps", type=int, default=100, help="SRG perturbation steps (capped at the patch count)")
     p.add_argument("--srg-baseline", default="dataset-mean",
                    help="SRG fill: 'dataset-mean' (per-channel mean over the --n images) or a number")
     p.add_argument("--ig-steps", type=positive_int, default=16,
