@@ -164,3 +164,27 @@ def test_errors_refuse_before_work(tmp_path, capsys):
     with pytest.raises(DatasetError, match="checksum"):
         load_shards(out)
     assert json.loads(before)["complete"]
+
+
+def test_evaluate_reads_precomputed_maps(tmp_path, capsys):
+    """`lrpgraph evaluate --attributions DIR` scores the stored maps: the same ABPC per sample as
+    computing them; maps for other classes, GAE, or a missing run are refused."""
+    from lrpgraph.evaluate.cli import main as evaluate
+
+    run = tmp_path / "run"
+    assert cli.main(["dataset", "--model", "vgg", "--n", "8", "--out", str(run), "--quiet"]) == 0
+    common = ["--n", "8", "--abpc-steps", "4", "--no-plot", "--quiet"]
+    assert evaluate(["--attributions", str(run), "--out", str(tmp_path / "a"), *common]) == 0
+    assert evaluate(["--models", "vgg", "--methods", "abslrp", "--metrics", "abpc", "--out", str(tmp_path / "b"), *common]) == 0
+    a = torch.load(tmp_path / "a" / "evaluation_samples.pt")["vgg"]["abslrp (precomputed)"]["abpc"]
+    b = torch.load(tmp_path / "b" / "evaluation_samples.pt")["vgg"]["abslrp"]["abpc"]
+    assert a.shape == (8,) and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert evaluate(["--attributions", str(run), "--metrics", "gae", "--out", str(tmp_path / "c"), *common]) == 2
+    assert "use --metrics abpc" in capsys.readouterr().err
+    assert evaluate(["--attributions", str(tmp_path), "--out", str(tmp_path / "c"), *common]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert cli.main(["dataset", "--model", "vgg", "--n", "8", "--targets", "0", "--out", str(other), "--quiet"]) == 0
+    assert evaluate(["--attributions", str(other), "--out", str(tmp_path / "d"), *common]) == 0
+    assert "explains class 0, not the predicted class 9" in (tmp_path / "d" / "evaluation.md").read_text()

@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["all"],
                    help=f"attribution methods, or 'all' (= {' '.join(method_names())}), "
                         f"'presets', 'baselines'; aliases: {', '.join(sorted(ALIASES))}")
-    p.add_argument("--metrics", nargs="+", default=["gae", "abpc"], choices=["gae", "abpc"])
+    p.add_argument("--metrics", nargs="+", default=None, choices=["gae", "abpc"],
+                   help="default: gae abpc; abpc with --attributions")
+    p.add_argument("--attributions", default=None, metavar="DIR",
+                   help="score the maps precomputed by `lrpgraph dataset` in DIR (bundled data, zoo model, "
+                        "--targets predicted) with ABPC instead of computing maps; --models and --methods are ignored")
     p.add_argument("--n", type=int, default=256, help="number of bundled images (GAE: rounded down to a multiple of 4)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--batch-size", type=int, default=32, help="images per chunk (multiple of 4)")
@@ -119,6 +123,13 @@ def run(args, samples: Optional[dict] = None) -> List[Dict[str, object]]:
     zoo = _load_zoo()
     methods = _expand_methods(args.methods)
     x, y = _samples(zoo, args.n, device)
+    if args.attributions:   # precomputed maps: one model, one method, looked up by sample index
+        from ..dataset import read_manifest
+        cfg = read_manifest(args.attributions)["config"]
+        if cfg["model"] not in ("vgg", "resnet", "vit"):
+            raise SystemExit(f"lrpgraph evaluate: --attributions: the maps are of model {cfg['model']!r}; "
+                             "evaluate scores the bundled models (vgg, resnet, vit)")
+        args.models, methods = [cfg["model"]], [f"{cfg['preset']} (precomputed)"]
     rows: List[Dict[str, object]] = []
     for mname in args.models:
         model = zoo.load(mname)
@@ -161,7 +172,12 @@ def run(args, samples: Optional[dict] = None) -> List[Dict[str, object]]:
             if "abpc" in args.metrics and not (row["note"] and plan is not None):
                 t0 = time.perf_counter()
                 try:
-                    r = abpc(model, x, pred, explain=_method(meth, args))
+                    if args.attributions:
+                        from ..dataset import precomputed_maps
+                        maps = precomputed_maps(args.attributions, model, pred).to(device, x.dtype)
+                        r = abpc(model, x, pred, attributions=maps)
+                    else:
+                        r = abpc(model, x, pred, explain=_method(meth, args))
                     row.update(r.aggregate())
                     samples.setdefault(mname, {}).setdefault(meth, {})["abpc"] = r.abpc.cpu()
                 except Exception as exc:
@@ -259,6 +275,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["evaluate"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
+    if args.metrics is None:
+        args.metrics = ["abpc"] if args.attributions else ["gae", "abpc"]
+    if args.attributions and "gae" in args.metrics:
+        print("lrpgraph evaluate: --attributions: GAE explains mosaics built from the images, which a "
+              "dataset run does not hold; use --metrics abpc", file=sys.stderr)
+        return 2
+    if args.attributions and not os.path.isfile(os.path.join(args.attributions, "manifest.json")):
+        print(f"lrpgraph evaluate: --attributions {args.attributions}: no manifest.json there "
+              "(make it with `lrpgraph dataset`)", file=sys.stderr)
+        return 2
     if args.batch_size < 4 or args.batch_size % 4:
         print("lrpgraph evaluate: --batch-size must be a positive multiple of 4", file=sys.stderr)
         return 2
