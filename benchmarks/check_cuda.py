@@ -14,7 +14,7 @@
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak resident
 set, which only grows (so CPU peaks are an upper bound, not per call).
 
-    python benchmarks/check_cuda.py                  # on a GPU: about 6-9 minutes; exits 1 on a failure
+    python benchmarks/check_cuda.py                  # on a GPU: under 10 minutes; exits 1 on a failure
     python benchmarks/check_cuda.py --device cpu --quick     # tiny models: a smoke test of the script
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_cnn import _peak_mb, _reset_peak, _sync, gradient_call  # noqa: E402
+from bench_cnn import _peak_mb, gradient_call, timed  # noqa: E402
 
 import lrpgraph  # noqa: E402
 from lrpgraph import zoo  # noqa: E402
@@ -105,12 +105,7 @@ def measure(calls: Dict[str, Callable[[], object]], device: torch.device, repeat
     peaks: Dict[str, float] = {}
     for rnd in range(repeats + warmup):
         for name, fn in calls.items():
-            _sync(device)
-            _reset_peak(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            dt = time.perf_counter() - t0
+            dt = timed(fn, device)
             if rnd == 0:
                 first[name] = dt
             if rnd >= warmup:
@@ -146,12 +141,12 @@ def bench_one(spec: str, model: torch.nn.Module, batch: int, dtype: str, device:
             ref, got = lrp().float(), calls["abslrp"]().float()
             note = f"max rel diff to eager {float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-30)):.1e}"
         for name, (sec, peak, first) in res.items():
-            rows.append(dict(base, method=name, ips=batch / sec, ratio=sec / res.get("gradient", (sec,))[0], peak=peak,
+            rows.append(dict(base, method=name, ips=batch / sec, ratio=sec / res["gradient"][0] if "gradient" in res else None, peak=peak,
                              first=first, note=note if name == "abslrp" else ""))
     except torch.cuda.OutOfMemoryError:
-        rows.append(dict(base, method="both", note="out of memory"))
+        rows.append(dict(base, method="/".join(calls), note="out of memory"))
     except Exception as exc:   # a compile failure is a result: report it, go on
-        rows.append(dict(base, method="both", note=_first_line(exc)))
+        rows.append(dict(base, method="/".join(calls), note=_first_line(exc)))
     del ex, m, x
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -168,8 +163,9 @@ def table(rows: List[dict], device: torch.device) -> str:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ips" in r:
+            ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
             out.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['compiled']} | {r['method']} | {r['ips']:.1f} "
-                       f"| {r['ratio']:.2f} | {r['peak']:.0f} | {r['first']:.2f} | {r['note']} |")
+                       f"| {ratio} | {r['peak']:.0f} | {r['first']:.2f} | {r['note']} |")
         else:
             out.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['compiled']} | {r['method']} | | | | | {r['note']} |")
     return "\n".join(out)
@@ -193,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--compile-methods", nargs="*", default=["gradient", "abslrp"], choices=["gradient", "abslrp"],
                    help="what runs under torch.compile (abslrp: the whole Explainer call)")
-    p.add_argument("--budget-s", type=float, default=420.0,
+    p.add_argument("--budget-s", type=float, default=360.0,
                    help="time for the throughput part: a configuration still running then is stopped, the rest "
                         "are skipped, and both are listed (compiled runs come last)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -223,11 +219,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("== throughput: abslrp vs input gradient")
     t_bench = time.perf_counter()
     rows: List[dict] = []
-    jobs = [(spec, b, dt, False) for spec in a.models for dt in a.dtypes for b in a.batches]
-    jobs += [(spec, b, dt, True) for spec in a.models for dt in a.compile_dtypes for b in a.compile_batches]
+    both = ("gradient", "abslrp")
+    jobs = [(spec, b, dt, False, both) for spec in a.models for dt in a.dtypes for b in a.batches]
+    # compiled runs last, each method on its own (so that a slow abslrp compile cannot cost the
+    # compiled gradients), the gradients first
+    jobs += [(spec, b, dt, True, (meth,)) for meth in both if meth in a.compile_methods
+             for spec in a.models for dt in a.compile_dtypes for b in a.compile_batches]
     models: Dict[str, torch.nn.Module] = {}
-    for spec, b, dt, comp in jobs:
-        tag = dict(model=spec, batch=b, dtype=dt, compiled=a.compile_backend if comp else "no", method="both")
+    for spec, b, dt, comp, meths in jobs:
+        tag = dict(model=spec, batch=b, dtype=dt, compiled=a.compile_backend if comp else "no", method="/".join(meths))
         if time.perf_counter() - t_bench > a.budget_s:
             rows.append(dict(tag, note=f"skipped: past --budget-s {a.budget_s:g}"))
             continue
@@ -238,14 +238,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signal.SIGALRM, _timeout)
             signal.alarm(max(1, int(left)))
         try:
-            new = bench_one(spec, models[spec], b, dt, device, a.repeats, a.size, comp, a.compile_backend,
-                            a.compile_methods)
+            new = bench_one(spec, models[spec], b, dt, device, a.repeats, a.size, comp, a.compile_backend, meths)
         finally:
             if hasattr(signal, "SIGALRM"):
                 signal.alarm(0)
         for r in new:
             print("  " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
                   flush=True)
+        for r in new:     # a compiled abslrp row: its ratio against the compiled gradient's row
+            g = [q for q in rows if q.get("ips") and q["method"] == "gradient" and
+                 all(q[k] == r[k] for k in ("model", "batch", "dtype", "compiled"))]
+            if r.get("ratio", 0) is None and g:
+                r["ratio"] = g[0]["ips"] / r["ips"]
         rows += new
     md = table(rows, device)
     print(md)

@@ -250,7 +250,7 @@ def explain_dataset(model: nn.Module, dataset: "torch.utils.data.Dataset", rules
     pending = sum(ranges[k][1] - ranges[k][0] for k in todo)
     bar = _bar(pending, progress and rank == 0, f"rank 0/{world}" if world > 1 else "explain")
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
-    t0, done, written = time.perf_counter(), 0, 0
+    t0, done, written, t1 = time.perf_counter(), 0, 0, None
     parts: Dict[str, List[Tensor]] = {}
     nodes: List[str] = []
     shard_iter = iter(todo)
@@ -271,10 +271,16 @@ def explain_dataset(model: nn.Module, dataset: "torch.utils.data.Dataset", rules
             worst, where = _summary(e, b)
             new["rel_error"] = worst
             nodes += where
+        bad = ~torch.isfinite(new["relevance"].flatten(1)).all(1)
+        if bool(bad.any()):      # never store a non-finite map (float16 overflows beyond 65504)
+            i = lo + int(torch.nonzero(bad)[0])
+            raise DatasetError(f"sample {i}: the relevance is not finite as {relevance_dtype}"
+                               + ("; store float32" if relevance_dtype == "float16" else ""))
         for key, t in new.items():
             parts.setdefault(key, []).append(t)
         done += b
         bar.update(b)
+        t1 = t1 or (time.perf_counter(), done)      # after the first batch (one-off set-up costs)
         if lo + b == ranges[k][1]:                     # the shard is complete: write it
             _write_shard(out, k, {key: torch.cat(v) for key, v in parts.items()}, nodes)
             parts, nodes, written = {}, [], written + 1
@@ -285,10 +291,12 @@ def explain_dataset(model: nn.Module, dataset: "torch.utils.data.Dataset", rules
                 os._exit(3)
             k = next(shard_iter, None)
     bar.close()
-    dt = time.perf_counter() - t0
+    now = time.perf_counter()
+    dt = now - t0
+    steady = f", {(done - t1[1]) / (now - t1[0]):.1f} after the first batch" if t1 and done > t1[1] else ""
     if rank == 0 or world == 1:
         print(f"rank {rank}: explained {done} samples in {len(todo)} shard(s) in {dt:.1f} s"
-              + (f" ({done / dt:.1f} images/s)" if done and dt > 0 else "")
+              + (f" ({done / dt:.1f} images/s{steady})" if done and dt > 0 else "")
               + (f"; {skipped} finished shard(s) skipped" if skipped else ""), file=sys.stderr)
     _barrier()
     if rank == 0:

@@ -183,8 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                             n=a.n, shard_size=a.shard_size, relevance_dtype=a.dtype,
                             contrastive=not a.no_contrastive, conservation=not a.no_conservation,
                             num_workers=a.workers, name=a.model, data=a.data, progress=not a.quiet)
-    except DatasetError as exc:
-        return _fail(str(exc))
+    except (DatasetError, ValueError) as exc:     # ValueError: the Explainer's, naming the node
+        return _fail(str(exc).splitlines()[0])
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()

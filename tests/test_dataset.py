@@ -56,6 +56,13 @@ def test_api_shards_match_explainer(tmp_path):
     assert part["index"].tolist() == [5, 1]
     csv = (tmp_path / "conservation.csv").read_text().splitlines()
     assert csv[0].startswith("index,target,predicted") and len(csv) == 8
+    # a map that float16 cannot hold is refused, not stored as inf
+    big = torch.nn.Linear(2, 2).eval()
+    with torch.no_grad():
+        big.weight.fill_(1e6)
+    with pytest.raises(DatasetError, match="not finite as float16; store float32"):
+        explain_dataset(big, torch.utils.data.TensorDataset(torch.ones(2, 2)), rules="lrp-0", out=tmp_path / "big",
+                        contrastive=False, relevance_dtype="float16", progress=False)
 
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
