@@ -387,24 +387,3 @@ def load_shards(out: Union[str, Path], indices: Optional[Sequence[int]] = None,
             raise DatasetError(f"{out}: holds samples 0..{len(res['index']) - 1}; sample {int(bad[0])} is not there")
         res = {key: t[idx] for key, t in res.items()}
     return res
-
-
-def precomputed_maps(out: Union[str, Path], model: nn.Module, target: Tensor, data: str = "bundled") -> Tensor:
-    """The relevance maps of samples ``0..len(target)-1`` from the finished run in ``out``, for
-    scoring them again (``lrpgraph evaluate --attributions``). Refuses maps made with other
-    weights, from other data, or for other classes than ``target``."""
-    m = read_manifest(out)
-    cfg = m["config"]
-    if cfg.get("data") != data:
-        raise DatasetError(f"{out}: the maps were made from --data {cfg.get('data')!r}; evaluate needs {data!r}")
-    if cfg["model_sha256"] != model_fingerprint(model):
-        raise DatasetError(f"{out}: the maps were made with other weights than model {cfg['model']!r}")
-    if cfg["n"] < len(target):
-        raise DatasetError(f"{out}: holds {cfg['n']} samples; --n {len(target)} asks for more")
-    t = load_shards(out, indices=range(len(target)))
-    bad = torch.nonzero(t["target"] != target.cpu()).flatten()
-    if len(bad):
-        i = int(bad[0])
-        raise DatasetError(f"sample {i}'s stored map explains class {int(t['target'][i])}, not the predicted "
-                           f"class {int(target[i])}; make the run with --targets predicted")
-    return t["relevance"]

@@ -194,4 +194,4 @@ def test_evaluate_reads_precomputed_maps(tmp_path, capsys):
     other = tmp_path / "other"
     assert cli.main(["dataset", "--model", "vgg", "--n", "8", "--targets", "0", "--out", str(other), "--quiet"]) == 0
     assert evaluate(["--attributions", str(other), "--out", str(tmp_path / "d"), *common]) == 0
-    assert "explains class 0, not the predicted class 9" in (tmp_path / "d" / "evaluation.md").read_text()
+    assert "explains class 0, not class 9" in (tmp_path / "d" / "evaluation.md").read_text()

@@ -41,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["all"],
                    help=f"attribution methods, or 'all' (= {' '.join(method_names())}), "
                         f"'presets', 'baselines'; aliases: {', '.join(sorted(ALIASES))}")
-    p.add_argument("--metrics", nargs="+", default=None, choices=["gae", "abpc"],
-                   help="default: gae abpc; abpc with --attributions")
-    p.add_argument("--attributions", default=None, metavar="DIR",
-                   help="score the maps precomputed by `lrpgraph dataset` in DIR (bundled data, zoo model, "
-                        "--targets predicted) with ABPC instead of computing maps; --models and --methods are ignored")
+    p.add_argument("--metrics", nargs="+", default=["gae", "abpc"], choices=["gae", "abpc"])
     p.add_argument("--n", type=int, default=256, help="number of bundled images (GAE: rounded down to a multiple of 4)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--batch-size", type=int, default=32, help="images per chunk (multiple of 4)")
@@ -62,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--attributions", default=None, metavar="DIR",
+                   help="score the maps stored by `lrpgraph dataset` in DIR (bundled data, zoo model, --targets "
+                        "predicted) instead of computing maps; --models and --methods are ignored; metrics: abpc")
     return p
 
 
@@ -81,6 +80,9 @@ def _expand_methods(names: Sequence[str]) -> List[str]:
 
 
 def _method(name: str, args) -> object:
+    if getattr(args, "attributions", None):   # stored maps, looked up by sample
+        from ..dataset_maps import precomputed
+        return precomputed(args.attributions)
     kw = {}
     if name == "integrated-gradients":
         kw = {"steps": args.ig_steps}
@@ -172,12 +174,7 @@ def run(args, samples: Optional[dict] = None) -> List[Dict[str, object]]:
             if "abpc" in args.metrics and not (row["note"] and plan is not None):
                 t0 = time.perf_counter()
                 try:
-                    if args.attributions:
-                        from ..dataset import precomputed_maps
-                        maps = precomputed_maps(args.attributions, model, pred).to(device, x.dtype)
-                        r = abpc(model, x, pred, attributions=maps)
-                    else:
-                        r = abpc(model, x, pred, explain=_method(meth, args))
+                    r = abpc(model, x, pred, explain=_method(meth, args))
                     row.update(r.aggregate())
                     samples.setdefault(mname, {}).setdefault(meth, {})["abpc"] = r.abpc.cpu()
                 except Exception as exc:
@@ -275,8 +272,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["evaluate"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    if args.metrics is None:
-        args.metrics = ["abpc"] if args.attributions else ["gae", "abpc"]
+    if args.attributions and "--metrics" not in argv:
+        args.metrics = ["abpc"]
     if args.attributions and "gae" in args.metrics:
         print("lrpgraph evaluate: --attributions: GAE explains mosaics built from the images, which a "
               "dataset run does not hold; use --metrics abpc", file=sys.stderr)
