@@ -188,7 +188,8 @@ def test_evaluate_reads_precomputed_maps(tmp_path, capsys):
     assert a.shape == (8,) and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     capsys.readouterr()
     assert evaluate(["--attributions", str(run), "--metrics", "gae", "--out", str(tmp_path / "c"), *common]) == 2
-    assert "use --metrics abpc" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "use --metrics abpc" in err and "\n" not in err.strip()
     assert evaluate(["--attributions", str(tmp_path), "--out", str(tmp_path / "c"), *common]) == 2
     assert "no manifest.json" in capsys.readouterr().err
     other = tmp_path / "other"

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--attributions", default=None, metavar="DIR",
                    help="score the maps stored by `lrpgraph dataset` in DIR (bundled data, zoo model, --targets "
-                        "predicted) instead of computing maps; --models and --methods are ignored; metrics: abpc")
+                        "predicted) instead of computing maps; --models and --methods are ignored, GAE is skipped")
     return p
 
 
@@ -125,12 +125,20 @@ def run(args, samples: Optional[dict] = None) -> List[Dict[str, object]]:
     zoo = _load_zoo()
     methods = _expand_methods(args.methods)
     x, y = _samples(zoo, args.n, device)
-    if args.attributions:   # precomputed maps: one model, one method, looked up by sample index
-        from ..dataset import read_manifest
-        cfg = read_manifest(args.attributions)["config"]
+    if args.attributions:   # stored maps: one model, one method, looked up by sample
+        from ..dataset import DatasetError, read_manifest
+        try:
+            cfg = read_manifest(args.attributions)["config"]
+        except DatasetError as exc:
+            raise SystemExit(f"lrpgraph evaluate: --attributions: {exc}")
         if cfg["model"] not in ("vgg", "resnet", "vit"):
             raise SystemExit(f"lrpgraph evaluate: --attributions: the maps are of model {cfg['model']!r}; "
                              "evaluate scores the bundled models (vgg, resnet, vit)")
+        if "gae" in args.metrics:   # GAE explains mosaics built from the images: not stored
+            if args.metrics == ["gae"]:
+                raise SystemExit("lrpgraph evaluate: --attributions: GAE explains mosaics built from the "
+                                 "images, which a dataset run does not hold; use --metrics abpc")
+            args.metrics = [m for m in args.metrics if m != "gae"]
         args.models, methods = [cfg["model"]], [f"{cfg['preset']} (precomputed)"]
     rows: List[Dict[str, object]] = []
     for mname in args.models:
@@ -272,16 +280,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["evaluate"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    if args.attributions and "--metrics" not in argv:
-        args.metrics = ["abpc"]
-    if args.attributions and "gae" in args.metrics:
-        print("lrpgraph evaluate: --attributions: GAE explains mosaics built from the images, which a "
-              "dataset run does not hold; use --metrics abpc", file=sys.stderr)
-        return 2
-    if args.attributions and not os.path.isfile(os.path.join(args.attributions, "manifest.json")):
-        print(f"lrpgraph evaluate: --attributions {args.attributions}: no manifest.json there "
-              "(make it with `lrpgraph dataset`)", file=sys.stderr)
-        return 2
     if args.batch_size < 4 or args.batch_size % 4:
         print("lrpgraph evaluate: --batch-size must be a positive multiple of 4", file=sys.stderr)
         return 2
