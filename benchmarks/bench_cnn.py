@@ -61,6 +61,17 @@ def _peak_mb(device: torch.device) -> float:
     return float("nan")
 
 
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn``: the device synchronised around it, the peak memory counter
+    reset before it."""
+    _sync(device)
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def gradient_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """Plain forward + backward to the input, weights frozen: the baseline."""
     def run() -> torch.Tensor:
@@ -136,12 +147,7 @@ def main(argv: Optional[List[str]] = None, p: Optional[argparse.ArgumentParser] 
     peaks: Dict[str, float] = {}
     for rnd in range(a.repeats + 1):  # round 0 warms up
         for name, fn in calls.items():
-            _sync(device)
-            _reset_peak(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            dt = time.perf_counter() - t0
+            dt = timed(fn, device)
             if rnd > 0:
                 times[name].append(dt)
                 peaks[name] = max(peaks.get(name, 0.0), _peak_mb(device))

@@ -1,4 +1,4 @@
-"""The ``lrpgraph`` command: explain | debug | coverage | presets | evaluate.
+"""The ``lrpgraph`` command: explain | debug | coverage | presets | evaluate | dataset.
 
 ``lrpgraph explain`` is the main job: it explains bundled Fashion-MNIST test images with a bundled
 trained model and writes the heatmap PNG and the per-node conservation report.
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("evaluate", help="GAE / MoRF / LeRF / ABPC comparison (see lrpgraph evaluate -h)",
                        add_help=False)
     v.set_defaults(fn=None)
+    sub.add_parser("dataset", help="explain a data set into resumable safetensors shards (torchrun "
+                   "for several processes; see lrpgraph dataset -h)", add_help=False)
     return p
 
 
@@ -209,6 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] == "evaluate":
         from .evaluate.cli import main as evaluate_main
         return evaluate_main(argv[1:])
+    if argv and argv[0] == "dataset":
+        from .dataset_cli import main as dataset_main
+        return dataset_main(argv[1:])
     a = build_parser().parse_args(argv)
     if getattr(a, "n", None) is not None and a.n > BUNDLED and not (a.cmd == "debug" and a.model.startswith("timm:")):
         fail(f"lrpgraph {a.cmd}", f"--n {a.n}: only {BUNDLED} test images are bundled")

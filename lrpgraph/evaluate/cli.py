@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, type=device, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--attributions", default=None, metavar="DIR",
+                   help="score the maps stored by `lrpgraph dataset` in DIR (bundled data, zoo model, --targets "
+                        "predicted) instead of computing maps; --models and --methods are ignored, GAE is skipped")
     return p
 
 
@@ -96,6 +99,9 @@ def _expand_methods(names: Sequence[str]) -> List[str]:
 
 
 def _method(name: str, args) -> object:
+    if getattr(args, "attributions", None):   # stored maps, looked up by sample
+        from ..dataset_maps import precomputed
+        return precomputed(args.attributions)
     kw = {}
     if name == "integrated-gradients":
         kw = {"steps": args.ig_steps}
@@ -152,6 +158,21 @@ def run(args, samples: Optional[dict] = None) -> List[Dict[str, object]]:
     zoo = _load_zoo()
     methods = _expand_methods(args.methods)
     x, y = _samples(zoo, args.n, device)
+    if args.attributions:   # stored maps: one model, one method, looked up by sample
+        from ..dataset import DatasetError, read_manifest
+        try:
+            cfg = read_manifest(args.attributions)["config"]
+        except DatasetError as exc:
+            raise SystemExit(f"lrpgraph evaluate: --attributions: {exc}")
+        if cfg["model"] not in ("vgg", "resnet", "vit"):
+            raise SystemExit(f"lrpgraph evaluate: --attributions: the maps are of model {cfg['model']!r}; "
+                             "evaluate scores the bundled models (vgg, resnet, vit)")
+        if "gae" in args.metrics:   # GAE explains mosaics built from the images: not stored
+            if args.metrics == ["gae"]:
+                raise SystemExit("lrpgraph evaluate: --attributions: GAE explains mosaics built from the "
+                                 "images, which a dataset run does not hold; use --metrics abpc")
+            args.metrics = [m for m in args.metrics if m != "gae"]
+        args.models, methods = [cfg["model"]], [f"{cfg['preset']} (precomputed)"]
     rows: List[Dict[str, object]] = []
     for mname in args.models:
         model = zoo.load(mname)
