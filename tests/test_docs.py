@@ -5,7 +5,8 @@ The convention (no registration: a new block or a new docs page is picked up by 
 * ```` ```python ````: a complete standalone script, run in a subprocess (cwd: a temporary folder);
 * ```` ```bash ````: commands run from the repository root after the README's set-up, with
   ``.venv/bin`` meaning this interpreter's environment. ``--out PATH`` is redirected into a
-  temporary folder (the suite never writes into the repository). A block that would take
+  temporary folder (the suite never writes into the repository), and so is that path where a
+  later command of the block reads it. A block that would take
   minutes runs in its quick form: ``--n N`` is capped at 4, and a ``benchmarks/`` script that
   offers ``--quick`` gets it (the same code on a tiny model). ``benchmarks/check_cuda.py``
   needs a GPU; without one it must exit with its documented status 2;
@@ -25,7 +26,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -83,8 +84,10 @@ def _has_quick(script: str, cache: dict = {}) -> bool:  # noqa: B006  (a per-pro
     return cache[script]
 
 
-def quick_form(segment: str, tmp: Path) -> str:
-    """The segment as the suite runs it (see the module docstring)."""
+def quick_form(segment: str, tmp: Path, outs: Optional[set] = None) -> str:
+    """The segment as the suite runs it (see the module docstring). ``outs`` collects the paths
+    that ``--out`` redirected, so a later command of the block that reads them reads the copy."""
+    outs = set() if outs is None else outs
     words = shlex.split(segment, comments=True)
     out: List[str] = []
     i = 0
@@ -93,9 +96,12 @@ def quick_form(segment: str, tmp: Path) -> str:
         if w.startswith(".venv/bin/"):
             w = str(BIN / w[len(".venv/bin/"):])
         if w == "--out" and i + 1 < len(words):
+            outs.add(words[i + 1].rstrip("/"))
             out += [w, str(tmp / words[i + 1])]
             i += 2
             continue
+        if any(w == o or w.startswith(o + "/") for o in outs):  # written by an earlier command
+            w = str(tmp / w)
         if w == "--n" and i + 1 < len(words) and words[i + 1].isdigit():
             out += [w, str(min(int(words[i + 1]), QUICK_N))]
             i += 2
@@ -125,10 +131,11 @@ def test_doc_block_runs_as_written(where, line, lang, code, tmp_path):
         r = _run([sys.executable, str(script)], cwd=tmp_path)
         assert r.returncode == 0, f"{where}:{line} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
         return
+    outs: set = set()
     for cmd in _commands(code):
         segments = [s for s in cmd.split("&&") if not _is_setup(s) and "pytest" not in s]
         for seg in segments:
-            run = quick_form(seg, tmp_path)
+            run = quick_form(seg, tmp_path, outs)
             r = _run(run, cwd=ROOT, shell=True)
             want = 2 if "check_cuda.py" in run and not _cuda() else 0  # 2: documented "no GPU"
             assert r.returncode == want, (f"{where}:{line}: `{seg.strip()}` (run as `{run}`) exited "
