@@ -52,6 +52,10 @@ def stats(t: Optional[Tensor], batch: int, axis: Optional[int] = None):
     if t is None:
         return None
     d = _batch_dim(t, batch, axis)
+    if d is None and t.dim() >= 2 and t.shape[1] % batch == 0 and t.shape[1] > batch:
+        # the batch merged into the first dim (``x.flatten(0, 1)``, ``reshape(B * N, C)``): batch-major
+        flat = t.reshape(t.shape[0], batch, -1)
+        return flat.sum(-1), flat.clamp(min=0).sum(-1), flat.clamp(max=0).sum(-1)
     if d is None:  # no batch axis (should not happen for activations): spread the total evenly
         tot = lambda x: (x.reshape(x.shape[0], -1).sum(1, keepdim=True) / batch).expand(-1, batch)  # noqa: E731
         return tot(t), tot(t.clamp(min=0)), tot(t.clamp(max=0))

@@ -7,7 +7,8 @@ says how to make it a leaf.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional
+import copy
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from torch import fx, nn
 
@@ -65,9 +66,10 @@ def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
     The returned module shares parameters and submodules with ``model``; nothing in ``model`` is
     changed. Raises :class:`LRPTraceError` naming the module that could not be traced.
     """
-    if isinstance(model, fx.GraphModule):
-        return fx.GraphModule(model, model.graph)
+    if isinstance(model, fx.GraphModule):  # a copy of the graph: passes rewrite it in place
+        return fx.GraphModule(model, copy.deepcopy(model.graph))
     tracer = LRPTracer(has_rule, leaf_modules)
+    saved = _module_state(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
@@ -87,5 +89,35 @@ def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
             "concrete_args for the arguments that drive it, or wrap the model so that its forward "
             "is traceable"
         ) from exc
+    finally:
+        _restore(saved)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, class_name=f"{name}LRPGraph")
+
+
+_TORCH_STATE = ("_parameters", "_buffers", "_modules")
+
+
+def _module_state(model: nn.Module) -> List[Tuple[nn.Module, dict, dict]]:
+    """Each module's plain attributes, with shallow copies of its dict/list/set attributes.
+
+    Some forwards cache values on the module (timm's LeViT keeps its attention biases in a dict in
+    eval mode); under tracing they would cache fx proxies, which breaks the model's next forward
+    and the next trace. :func:`_restore` puts every attribute back as it was."""
+    out = []
+    for m in model.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in _TORCH_STATE}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        out.append((m, attrs, contents))
+    return out
+
+
+def _restore(saved: List[Tuple[nn.Module, dict, dict]]) -> None:
+    for m, attrs, contents in saved:
+        for k in [k for k in m.__dict__ if k not in _TORCH_STATE and k not in attrs]:
+            del m.__dict__[k]  # set during tracing
+        for k, v in attrs.items():
+            m.__dict__[k] = v
+            if k in contents:  # the same container object, its content as before
+                v.clear()
+                (v.update if isinstance(v, (dict, set)) else v.extend)(contents[k])

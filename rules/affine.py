@@ -188,12 +188,26 @@ def adaptive_matrix(n_in: int, n_out: int, dtype, device) -> Tensor:
     return m
 
 
+#: further affine ops described by the op-family modules (pooling, normalization): key -> describer
+_DESCRIBERS: dict = {}
+
+
+def register_affine(keys, describe) -> None:
+    """Let :func:`affine_of` describe the ops ``keys`` (module types, functions, method names) with
+    ``describe(ctx) -> Affine``, so that every affine rule family serves them."""
+    for k in keys:
+        _DESCRIBERS[k] = describe
+
+
 def affine_of(ctx: NodeContext) -> Affine:
     """Describe the affine op of a node (module or functional form) for the rules.
 
     Raises ``NotImplementedError`` naming the node for configurations the rules do not cover.
     """
     m = ctx.module
+    key = type(m) if m is not None else ctx.target
+    if _DESCRIBERS and key in _DESCRIBERS:
+        return _DESCRIBERS[key](ctx)
     n = len(ctx.inputs)
     x_shape = ctx.input_shapes[0]
     where = ctx.describe()
@@ -262,10 +276,9 @@ def _bn_affine(m, x_dim: int, where: str) -> ScaleAffine:
 
 
 def _avgpool_affine(ctx, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
-    where = ctx.describe()
     if ceil_mode or (not count_include_pad and padding not in (0, (0, 0), (0,), (0, 0, 0))) or divisor:
-        raise NotImplementedError(f"{where}: average pooling with ceil_mode, count_include_pad=False "
-                                  "and padding, or divisor_override is not supported yet")
+        from .pooling import general_avgpool  # windows with their own divisors: see there
+        return general_avgpool(ctx, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
     x_shape = ctx.input_shapes[0]
     ref = ctx.output if isinstance(ctx.output, Tensor) else ctx.inputs[0]
     return PoolAffine(x_shape[1], kernel, stride if stride else kernel, padding, x_shape,
