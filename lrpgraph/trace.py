@@ -72,6 +72,8 @@ def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
     saved = _module_state(model)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+        # built before the model's state is restored: it copies the constants tracing put on the root
+        gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}LRPGraph")
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         where = tracer.failed_in
         if where is not None and where[0] != "":
@@ -91,8 +93,7 @@ def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
         ) from exc
     finally:
         _restore(saved)
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, class_name=f"{name}LRPGraph")
+    return gm
 
 
 _TORCH_STATE = ("_parameters", "_buffers", "_modules")

@@ -71,12 +71,7 @@ class ConvAffine(Affine):
         self.weight, self.bias, self.n_slots = weight, bias, n_slots
         self.nd = weight.dim() - 2
         if isinstance(padding, str):
-            if padding == "valid":
-                padding = 0
-            else:
-                raise NotImplementedError(
-                    f"padding={padding!r} at {where}: only numeric or 'valid' padding is supported; "
-                    "give the conv explicit integer padding")
+            padding = _str_padding(padding, weight.shape[2:], dilation, where)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_shape = tuple(in_shape)
 
@@ -171,6 +166,18 @@ class MatrixPoolAffine(Affine):
         for m, ax in zip(self.mats, self.axes):
             r = torch.movedim(torch.movedim(r, ax + 1, -1) @ m, -1, ax + 1)
         return r
+
+
+def _str_padding(padding: str, kernel, dilation, where: str):
+    """``'valid'`` is 0; ``'same'`` (stride 1) pads ``dilation * (k - 1) / 2`` on each side, which
+    is symmetric for odd kernels (even kernels pad one more on the right: refused)."""
+    if padding == "valid":
+        return 0
+    total = [d * (k - 1) for d, k in zip(_tuple(dilation, len(kernel)), kernel)]
+    if padding == "same" and all(t % 2 == 0 for t in total):
+        return tuple(t // 2 for t in total)
+    raise NotImplementedError(f"padding={padding!r} at {where}: only numeric, 'valid' and 'same' with "
+                              "odd kernels are supported; give the conv explicit integer padding")
 
 
 def _tuple(v, n):

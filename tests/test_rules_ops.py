@@ -387,3 +387,51 @@ def test_operator_neg_is_registered() -> None:
     x = torch.randn(B, 4, dtype=DT)
     c = node_of(Lambda(lambda t: operator.neg(t)), x, not_structural)
     assert c.rule.label == "neg"
+
+
+@pytest.mark.parametrize("variant", ["head", "paper"])
+def test_conv_padding_same(variant: str) -> None:
+    m = nn.Conv2d(2, 3, (3, 5), padding="same", dilation=(2, 1)).to(DT)
+    x = torch.randn(B, 2, 5, 6, dtype=DT)
+    c = node_of(m, x, not_structural)
+    W, b = dense_op(lambda t: m(t), x.shape[1:])
+    with torch.no_grad():
+        h = m(x)
+    R = rel_like(h)
+    check_abs(A.AbsAffine(variant)(c.ctx, R), [affine_G(x, W)], h.reshape(B, -1), R, variant, [0])
+
+
+class Addcmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, dtype=DT))
+
+    def forward(self, x):
+        a, t1, t2 = x * 2, x.relu() + 0.1, torch.tanh(x)
+        return torch.addcmul(a, t1, t2, value=0.5) + torch.addcmul(a, t1, self.w)
+
+
+@pytest.mark.parametrize("variant", ["head", "paper", "classic"])
+def test_addcmul(variant: str) -> None:
+    from lrpgraph.rules.arithmetic import AbsAddcmul, AddcmulEpsilon
+    x = torch.randn(B, 4, dtype=DT)
+    preset = "lrp-epsilon" if variant == "classic" else "abslrp"
+    cs = [c for c in __import__("test_rules_dense").capture(Addcmul(), x, preset)
+          if isinstance(c.rule, (AbsAddcmul, AddcmulEpsilon))]
+    assert len(cs) == 2
+    for c, v, n_act in zip(cs, (0.5, 1.0), (2, 1)):
+        a, t1, t2 = c.ctx.args[0], c.ctx.args[1], c.ctx.args[2]
+        p = v * t1 * t2
+        h = c.ctx.output
+        R = rel_like(h)
+        if variant == "classic":
+            z = h + 1e-6 * torch.where(h >= 0, 1.0, -1.0)
+            out = c.rule(c.ctx, R)
+            close(out[0], a * R / z)
+            for o in out[1:1 + n_act]:
+                close(o, p * R / z / n_act)
+            continue
+        out = AbsAddcmul(variant)(c.ctx, R)
+        G = [torch.diag_embed(2 * a.clamp(min=0))] + [torch.diag_embed(2 * p.clamp(min=0))] * n_act
+        assert all(o is None for o in out[1 + n_act:])  # the parameter factor takes none
+        check_abs(out, G, h, R, variant, list(range(1 + n_act)))
