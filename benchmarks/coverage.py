@@ -162,6 +162,10 @@ def run_one(name: str, size: int, presets) -> dict:
             r["worst"] = rep.max_rel_error()
             leaks = rep.leaks(TOL)
             r["conserved"] = not leaks
+            losses = rep.losses(TOL)
+            if losses:  # a sign stream with no carrier: named, not a leak
+                w = max(losses, key=lambda b: b.lost_share())
+                r["loss"] = f"{len(losses)} node(s), worst {w.name} ({w.op}): {w.lost_share():.1e}"
             if leaks:
                 w = max(leaks, key=lambda b: b.worst(rep.masses))
                 r["leak"] = f"{w.name} ({w.op}, {w.rule}): {w.worst(rep.masses):.2e}"
@@ -262,14 +266,14 @@ def write(rows: List[dict], out: str, command: str) -> None:
           "```text", command, "```", "", "## Headline", "", "| | families |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in headline(rows)]
     md += ["", "## Per model", "",
-           "| family | model | input | fx | abslrp | worst | abslrp-renorm | lrp-epsilon | failure |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| family | model | input | fx | abslrp | worst | named loss (abslrp) | abslrp-renorm | lrp-epsilon | failure |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r.get("abslrp") or {}
         worst = "" if c.get("worst") is None else f"{c['worst']:.1e}"
         fail = _failure(r).replace("|", "\\|").replace("\n", " ")
         md.append(f"| {r.get('family', '')} | {r['model']} | {r.get('input', '')} | "
-                  f"{'yes' if r.get('fx') else 'no'} | {_cell(r, 'abslrp')} | {worst} | "
+                  f"{'yes' if r.get('fx') else 'no'} | {_cell(r, 'abslrp')} | {worst} | {c.get('loss', '')} | "
                   f"{_cell(r, 'abslrp-renorm')} | {_cell(r, 'lrp-epsilon')} | {fail} |")
     with open(os.path.join(out, "coverage.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -225,7 +225,8 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
 
 def batch_axes(plan: Plan, inputs: List[Any], rec: Recording) -> Optional[Dict[fx.Node, Any]]:
     """For every tensor node: the axis of its value that holds the batch (``None`` if none), a
-    tuple of such for tuple values. ``None`` when the probe cannot run (the report then guesses).
+    tuple of such for tuple values. An axis where the batch is merged with another one, batch-major
+    (size ``B * m``), counts as the batch axis too. ``None`` when the probe cannot run (the report then guesses).
 
     Why: the conservation report sums relevance per sample, and a guess by size fails wherever
     another axis has the batch's size (timm's qkv tensor ``(3, B, H, N, d)`` at batch 3). The
@@ -267,6 +268,9 @@ def batch_axes(plan: Plan, inputs: List[Any], rec: Recording) -> Optional[Dict[f
         if _multi(real):  # a tuple value, possibly nested (an LSTM's (out, (h, c)))
             return tuple(axis(r, f) for r, f in zip(real, fake)) if _multi(fake) else None
         hits = [d for d, (r, f) in enumerate(zip(real, fake)) if r == batch and f == probe]
+        if not hits:  # the batch merged with another axis, batch-major (windows of a Swin, B * N rows)
+            hits = [d for d, (r, f) in enumerate(zip(real, fake))
+                    if r != f and r % batch == 0 and f % probe == 0 and r // batch == f // probe]
         return hits[0] if len(hits) == 1 else None
 
     out: Dict[fx.Node, Any] = {}

@@ -52,9 +52,11 @@ def stats(t: Optional[Tensor], batch: int, axis: Optional[int] = None):
     if t is None:
         return None
     d = _batch_dim(t, batch, axis)
-    if d is None and t.dim() >= 2 and t.shape[1] % batch == 0 and t.shape[1] > batch:
-        # the batch merged into the first dim (``x.flatten(0, 1)``, ``reshape(B * N, C)``): batch-major
-        flat = t.reshape(t.shape[0], batch, -1)
+    merged = axis + 1 if axis is not None and t.dim() > axis + 1 else (1 if t.dim() >= 2 else None)
+    if d is None and merged is not None and t.shape[merged] % batch == 0 and t.shape[merged] > batch:
+        # the batch merged with another axis, batch-major (``x.flatten(0, 1)``, Swin windows): that
+        # axis found by the probe (else the first), split into (batch, rest)
+        flat = t.movedim(merged, 1).reshape(t.shape[0], batch, -1)
         return flat.sum(-1), flat.clamp(min=0).sum(-1), flat.clamp(max=0).sum(-1)
     if d is None:  # no batch axis (should not happen for activations): spread the total evenly
         tot = lambda x: (x.reshape(x.shape[0], -1).sum(1, keepdim=True) / batch).expand(-1, batch)  # noqa: E731
@@ -124,13 +126,36 @@ class NodeBalance:
         """``abs_err`` relative to the total absolute mass that came in."""
         return self.abs_err / self.scale
 
+    def lost(self) -> tuple:
+        """``(lost_pos, lost_neg)`` per (pass, sample): the whole positive (negative) mass that came
+        in where the rule had no carrier for it (nothing went out with that sign) while the other
+        sign's stream was carried. absLRP's sign split can only rescale a stream that reaches some
+        input with a non-zero contribution (for example, positive relevance arriving only where
+        ``2 z+ = 0``); such a stream is lost by the method's definition, a named loss, not a leak."""
+        zero = torch.zeros_like(self.in_pos)
+        carried_neg = (self.out_neg != 0) | (self.in_neg == 0)
+        carried_pos = (self.out_pos != 0) | (self.in_pos == 0)
+        lp = torch.where((self.out_pos == 0) & (self.in_pos > 0) & carried_neg, self.in_pos, zero)
+        ln = torch.where((self.out_neg == 0) & (self.in_neg < 0) & carried_pos, self.in_neg, zero)
+        return lp, ln
+
     def worst(self, masses: bool = False) -> float:
         """The largest relative error over passes and samples (0 for by-design absorption);
-        with ``masses`` the positive and negative masses count as well."""
+        with ``masses`` the positive and negative masses count as well, and a stream lost for want
+        of a carrier (:meth:`lost`) is left out of the error (it is reported as a loss)."""
         if self.by_design:
             return 0.0
-        err = self.abs_err if not masses else torch.maximum(self.abs_err, self.mass_err)
-        return float((err / self.scale).max())
+        if not masses:
+            return float((self.abs_err / self.scale).max())
+        lp, ln = self.lost()
+        abs_err = (self.in_sum - lp - ln - self.out_sum).abs()
+        mass_err = torch.maximum((self.in_pos - lp - self.out_pos).abs(), (self.in_neg - ln - self.out_neg).abs())
+        return float((torch.maximum(abs_err, mass_err) / self.scale).max())
+
+    def lost_share(self) -> float:
+        """The largest share of the incoming mass lost for want of a carrier (see :meth:`lost`)."""
+        lp, ln = self.lost()
+        return float(((lp - ln) / self.scale).max())
 
 
 def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
@@ -185,6 +210,13 @@ class ConservationReport:
         m = self._masses(masses)
         return [r for r in self.rows if r.worst(m) > tol]
 
+    def losses(self, tol: float = 1e-5) -> List[NodeBalance]:
+        """Rows of the sign-split preset where a whole sign stream had no carrier (more than ``tol``
+        of the incoming mass): named losses, kept out of :meth:`leaks` (see :meth:`NodeBalance.lost`)."""
+        if not self.masses:
+            return []
+        return [r for r in self.rows if not r.by_design and r.lost_share() > tol]
+
     def max_rel_error(self, masses: Optional[bool] = None) -> float:
         """The worst relative error over all nodes, passes and samples."""
         m = self._masses(masses)
@@ -200,6 +232,8 @@ class ConservationReport:
         for r in self.rows:
             w = r.worst(m)
             flag = "LEAK" if w > tol else ("by design" if r.by_design else "")
+            if m and not r.by_design and flag != "LEAK" and r.lost_share() > tol:
+                flag = f"LOSS: a sign stream had no carrier ({r.lost_share():.1e} of the mass)"
             v = lambda t: f"{float(t[0, b]):.6g}"  # noqa: E731
             lines.append((r.name, _short(r.op), r.rule, v(r.in_sum), v(r.out_sum), v(r.in_pos),
                           v(r.out_pos), v(r.in_neg), v(r.out_neg), v(r.cancelled),
@@ -210,8 +244,10 @@ class ConservationReport:
         leaks = self.leaks(tol, m)
         what = "signed total and positive/negative mass" if m else "signed total"
         out.append("")
+        losses = self.losses(tol) if m else []
         out.append(f"{len(self.rows)} nodes, preset {self.preset!r}; checked: {what}; worst relative "
-                   f"error {self.max_rel_error(m):.2e}; {len(leaks)} node(s) leak beyond {tol:g}")
+                   f"error {self.max_rel_error(m):.2e}; {len(leaks)} node(s) leak beyond {tol:g}"
+                   + (f"; {len(losses)} node(s) lose a sign stream with no carrier" if losses else ""))
         return "\n".join(out)
 
     def to_csv(self) -> str:

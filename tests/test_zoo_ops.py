@@ -102,3 +102,23 @@ def test_tracing_leaves_no_attribute_on_the_model() -> None:
     e = lrpgraph.Explainer(model, rules="abslrp")(torch.randn(2, 3, dtype=DT))
     assert set(model.__dict__) == attrs
     assert torch.isfinite(e.relevance).all()
+
+
+def _row(in_pos, in_neg, out_pos, out_neg):
+    from lrpgraph.report import NodeBalance
+    t = lambda v: torch.tensor([[float(v)]], dtype=DT)  # noqa: E731
+    return NodeBalance("n", "op", "rule", t(in_pos + in_neg), t(in_pos), t(in_neg), t(out_pos + out_neg),
+                       t(out_pos), t(out_neg), t(0))
+
+
+def test_a_stream_without_carrier_is_a_named_loss_not_a_leak() -> None:
+    from lrpgraph.report import ConservationReport
+    lost = _row(0.3, -0.5, 0.0, -0.5)  # the positive stream found no carrier
+    dropped = _row(0.3, -0.5, 0.0, 0.0)  # everything dropped: a leak
+    kept = _row(0.3, -0.5, 0.3, -0.5)
+    rep = ConservationReport([lost, dropped, kept], preset="abslrp", masses=True)
+    assert rep.leaks() == [dropped] and rep.losses() == [lost]
+    assert lost.worst(True) == 0.0 and abs(lost.lost_share() - 0.3 / 0.8) < 1e-12
+    assert "LOSS" in rep.table() and "1 node(s) lose a sign stream" in rep.table()
+    # the classic presets judge the signed total only: the same row is a leak there
+    assert ConservationReport([lost], preset="lrp-0", masses=False).leaks() == [lost]
