@@ -297,12 +297,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     reps = representatives()
     fams = a.families if a.families is not None else sorted(reps)
     todo = [(f, reps[f]) for f in fams if f in reps]
-    if not a.no_named:
-        named = a.models if a.models is not None else (list(NAMED) if a.families is None else [])
-        todo += [("(named)", m) for m in named]
-    elif a.models:
-        todo += [("(named)", m) for m in a.models]
+    named = list(a.models or []) if a.no_named or a.families is not None else list(a.models or NAMED)
+    # a named model that represents its family is measured once, in its family's row
+    todo += [("(named)", m) for m in named if m not in reps.values()]
     done = 0
+    rows: List[dict] = []
+    cmd = "OMP_NUM_THREADS=1 python benchmarks/coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def job(item):
         nonlocal done
@@ -310,23 +310,29 @@ def main(argv: Optional[List[str]] = None) -> None:
         row = _child(name, a.size, a.presets, a.timeout)
         row["family"] = fam
         done += 1
+        rows.append(row)
+        _save(rows, a.out, cmd.strip())  # after every model, so a stopped sweep keeps its rows
         c = row.get("abslrp") or {}
         print(f"[{done}/{len(todo)}] {fam:28s} {name:40s} abslrp={_cell(row, 'abslrp'):5s} "
               f"worst={c.get('worst', float('nan')):.1e} {_failure(row)[:120]}", flush=True)
         return row
 
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        rows = list(pool.map(job, todo))
-    path = os.path.join(a.out, "coverage.json")
-    if os.path.exists(path):  # merge: a subset run replaces its own rows only
-        with open(path) as f:
-            old = {(r.get("family"), r["model"]): r for r in json.load(f)}
-        old.update({(r["family"], r["model"]): r for r in rows})
-        rows = list(old.values())
-    cmd = "OMP_NUM_THREADS=1 python benchmarks/coverage.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write(rows, a.out, cmd.strip())
-    for k, v in headline(rows):
+        list(pool.map(job, todo))
+    for k, v in headline(_save(rows, a.out, cmd.strip())):
         print(f"{k}: {v}")
+
+
+def _save(rows: List[dict], out: str, command: str) -> List[dict]:
+    """Merge ``rows`` into the files in ``out`` (a subset run replaces its own rows only)."""
+    path = os.path.join(out, "coverage.json")
+    merged: Dict[tuple, dict] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            merged = {(r.get("family"), r["model"]): r for r in json.load(f)}
+    merged.update({(r["family"], r["model"]): r for r in rows})
+    write(list(merged.values()), out, command)
+    return list(merged.values())
 
 
 if __name__ == "__main__":

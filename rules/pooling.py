@@ -111,8 +111,9 @@ def _reduced_dims(ctx: NodeContext, dim) -> List[int]:
         raise NotImplementedError(f"{ctx.describe()}: a reduction over all dims (batch included) mixes "
                                   "samples; reduce over the feature dims only")
     dims = sorted(d % nd for d in ((dim,) if isinstance(dim, int) else dim))
-    if 0 in dims:
-        raise NotImplementedError(f"{ctx.describe()}: a reduction over the batch dim mixes samples")
+    if 0 in dims:  # (a sum over stacked heads' logits too: the per-sample sign split needs dim 0)
+        raise NotImplementedError(f"{ctx.describe()}: a reduction over dim 0 (the batch dim) mixes "
+                                  "samples; reduce over the feature dims only")
     return dims
 
 

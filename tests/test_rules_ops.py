@@ -435,3 +435,10 @@ def test_addcmul(variant: str) -> None:
         G = [torch.diag_embed(2 * a.clamp(min=0))] + [torch.diag_embed(2 * p.clamp(min=0))] * n_act
         assert all(o is None for o in out[1 + n_act:])  # the parameter factor takes none
         check_abs(out, G, h, R, variant, list(range(1 + n_act)))
+
+
+
+def test_sum_over_dim0_is_refused_by_name() -> None:
+    with pytest.raises(lrpgraph.RuleError, match="dim 0"):
+        lrpgraph.Explainer(Lambda(lambda t: t.sum(0, keepdim=True) * 2).to(DT).eval(),
+                           rules="lrp-epsilon")(torch.randn(3, 4, dtype=DT), output_relevance=torch.ones(1, 4, dtype=DT))
