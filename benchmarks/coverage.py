@@ -28,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
@@ -77,6 +78,13 @@ def representatives() -> Dict[str, str]:
     with open(MODELS_CACHE, "w") as f:
         json.dump(out, f, indent=1, sort_keys=True)
     return out
+
+
+def _representatives_cached() -> Dict[str, str]:
+    if os.path.exists(MODELS_CACHE):
+        with open(MODELS_CACHE) as f:
+            return json.load(f)
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,8 +249,10 @@ def _failure(r: dict) -> str:
 def write(rows: List[dict], out: str, command: str) -> None:
     os.makedirs(out, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r.get("family") == "(named)", r.get("family", ""), r["model"]))
-    with open(os.path.join(out, "coverage.json"), "w") as f:
+    tmp = os.path.join(out, "coverage.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(rows, f, indent=1)
+    os.replace(tmp, os.path.join(out, "coverage.json"))  # never a half-written file
     with open(os.path.join(out, "coverage.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["family", "model", "input", "fx", "tracer"] +
@@ -265,6 +275,25 @@ def write(rows: List[dict], out: str, command: str) -> None:
           "Reproduce (the whole zoo takes long on a small machine; `--families` runs a subset):", "",
           "```text", command, "```", "", "## Headline", "", "| | families |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in headline(rows)]
+    n_fam = len(_representatives_cached())
+    measured = len([r for r in rows if r.get("family") not in (None, "(named)")])
+    if measured < n_fam:
+        md += ["", f"Measured so far: {measured} of the {n_fam} families (the percentages are of those); "
+               "the families without a row were not run."]
+    md += ["", "## Reading the table", "",
+           "* *fx*: `torch.fx` traced the model. A model that fx cannot trace fails under every preset.",
+           "* *abslrp*: `yes` = explained and conserved at every node; `leak` = explained, some node off "
+           "by more than 1e-5 (the failure column names the worst); `error` = not explained.",
+           "* *named loss*: `abslrp` splits relevance into a positive and a negative stream and rescales "
+           "each to its incoming mass. A stream can only be rescaled if it reaches some input with a "
+           "non-zero contribution; where it does not (say positive relevance arrives only at entries "
+           "whose contribution `2 z+` is 0, or a LayerNorm whose only carriers lie below the mean), "
+           "that stream's mass is lost by the method's definition. The report names such a row "
+           "`LOSS` with the lost share (`ConservationReport.losses()`) and does not count it as a leak; "
+           "the other stream is still checked.",
+           "* *abslrp-renorm*, *lrp-epsilon*: explained (finite relevance, no error). Their "
+           "conservation is not a goal (unit-mass renormalisation, epsilon absorption).",
+           "* The representative of each family is fixed in `benchmarks/coverage_models.json`."]
     md += ["", "## Per model", "",
            "| family | model | input | fx | abslrp | worst | named loss (abslrp) | abslrp-renorm | lrp-epsilon | failure |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -290,7 +319,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--presets", nargs="*", default=list(PRESETS))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--render", metavar="COMMAND", help="only rewrite the table from the JSON in --out, "
+                                                          "quoting COMMAND as the sweep's command")
     a = ap.parse_args(argv)
+    if a.render:
+        for k, v in headline(_save([], a.out, a.render)):
+            print(f"{k}: {v}")
+        return
     if a.worker:
         print(json.dumps(run_one(a.worker, a.size, a.presets)), flush=True)
         return
@@ -323,16 +358,20 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{k}: {v}")
 
 
+_SAVE_LOCK = threading.Lock()
+
+
 def _save(rows: List[dict], out: str, command: str) -> List[dict]:
     """Merge ``rows`` into the files in ``out`` (a subset run replaces its own rows only)."""
-    path = os.path.join(out, "coverage.json")
-    merged: Dict[tuple, dict] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            merged = {(r.get("family"), r["model"]): r for r in json.load(f)}
-    merged.update({(r["family"], r["model"]): r for r in rows})
-    write(list(merged.values()), out, command)
-    return list(merged.values())
+    with _SAVE_LOCK:  # --jobs N: one writer at a time
+        path = os.path.join(out, "coverage.json")
+        merged: Dict[tuple, dict] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                merged = {(r.get("family"), r["model"]): r for r in json.load(f)}
+        merged.update({(r["family"], r["model"]): r for r in list(rows)})
+        write(list(merged.values()), out, command)
+        return list(merged.values())
 
 
 if __name__ == "__main__":
