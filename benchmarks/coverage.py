@@ -175,8 +175,8 @@ def run_one(name: str, size: int, presets) -> dict:
                 w = max(losses, key=lambda b: b.lost_share())
                 r["loss"] = f"{len(losses)} node(s), worst {w.name} ({w.op}): {w.lost_share():.1e}"
             if leaks:
-                w = max(leaks, key=lambda b: b.worst(rep.masses))
-                r["leak"] = f"{w.name} ({w.op}, {w.rule}): {w.worst(rep.masses):.2e}"
+                w = max(leaks, key=lambda b: b.worst(rep.masses, rep.noise_floor()))
+                r["leak"] = f"{w.name} ({w.op}, {w.rule}): {w.worst(rep.masses, rep.noise_floor()):.2e}"
                 r["n_leaks"] = len(leaks)
         except Exception as exc:  # noqa: BLE001
             r.setdefault("traced", False)

@@ -30,6 +30,11 @@ from torch import Tensor
 from .rule import Split
 
 TINY = 1e-30
+#: errors are taken relative to at least this share of the output's mass. Else a node that receives
+#: only rounding residue of earlier cancellations (1e-16 of the total in float64) and drops it shows a
+#: relative error of 1. With the default tolerance 1e-5, a node still leaks once it drops more than
+#: 1e-14 of the total mass.
+NOISE = 1e-9
 
 
 def _batch_dim(t: Tensor, batch: int, axis: Optional[int] = None) -> Optional[int]:
@@ -139,18 +144,20 @@ class NodeBalance:
         ln = torch.where((self.out_neg == 0) & (self.in_neg < 0) & carried_pos, self.in_neg, zero)
         return lp, ln
 
-    def worst(self, masses: bool = False) -> float:
+    def worst(self, masses: bool = False, floor: Optional[Tensor] = None) -> float:
         """The largest relative error over passes and samples (0 for by-design absorption);
         with ``masses`` the positive and negative masses count as well, and a stream lost for want
-        of a carrier (:meth:`lost`) is left out of the error (it is reported as a loss)."""
+        of a carrier (:meth:`lost`) is left out of the error (it is reported as a loss). ``floor``
+        (``(K, B)``): the smallest mass the error is taken relative to (see ``NOISE``)."""
         if self.by_design:
             return 0.0
+        scale = self.scale if floor is None else torch.maximum(self.scale, floor)
         if not masses:
-            return float((self.abs_err / self.scale).max())
+            return float((self.abs_err / scale).max())
         lp, ln = self.lost()
         abs_err = (self.in_sum - lp - ln - self.out_sum).abs()
         mass_err = torch.maximum((self.in_pos - lp - self.out_pos).abs(), (self.in_neg - ln - self.out_neg).abs())
-        return float((torch.maximum(abs_err, mass_err) / self.scale).max())
+        return float((torch.maximum(abs_err, mass_err) / scale).max())
 
     def lost_share(self) -> float:
         """The largest share of the incoming mass lost for want of a carrier (see :meth:`lost`)."""
@@ -205,10 +212,15 @@ class ConservationReport:
     def _masses(self, masses: Optional[bool]) -> bool:
         return self.masses if masses is None else masses
 
+    def noise_floor(self) -> Optional[Tensor]:
+        """``NOISE`` times the mass at the output (the first row): a node that receives only rounding
+        residue of earlier cancellations (1e-16 of the total) is judged against the total."""
+        return self.rows[0].scale * NOISE if self.rows else None
+
     def leaks(self, tol: float = 1e-5, masses: Optional[bool] = None) -> List[NodeBalance]:
         """Rows whose relative error exceeds ``tol`` (by-design absorption excluded)."""
-        m = self._masses(masses)
-        return [r for r in self.rows if r.worst(m) > tol]
+        m, f = self._masses(masses), self.noise_floor()
+        return [r for r in self.rows if r.worst(m, f) > tol]
 
     def losses(self, tol: float = 1e-5) -> List[NodeBalance]:
         """Rows of the sign-split preset where a whole sign stream had no carrier (more than ``tol``
@@ -219,8 +231,8 @@ class ConservationReport:
 
     def max_rel_error(self, masses: Optional[bool] = None) -> float:
         """The worst relative error over all nodes, passes and samples."""
-        m = self._masses(masses)
-        return max((r.worst(m) for r in self.rows), default=0.0)
+        m, f = self._masses(masses), self.noise_floor()
+        return max((r.worst(m, f) for r in self.rows), default=0.0)
 
     def table(self, tol: float = 1e-5, sample: Optional[int] = None, masses: Optional[bool] = None) -> str:
         """A fixed-width text table; leaking rows are marked ``LEAK``. Values are for ``sample``
@@ -230,7 +242,7 @@ class ConservationReport:
         head = ("node", "op", "rule", "in", "out", "in+", "out+", "in-", "out-", "cancel", "rel.err", "")
         lines = []
         for r in self.rows:
-            w = r.worst(m)
+            w = r.worst(m, self.noise_floor())
             flag = "LEAK" if w > tol else ("by design" if r.by_design else "")
             if m and not r.by_design and flag != "LEAK" and r.lost_share() > tol:
                 flag = f"LOSS: a sign stream had no carrier ({r.lost_share():.1e} of the mass)"

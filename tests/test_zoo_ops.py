@@ -122,3 +122,14 @@ def test_a_stream_without_carrier_is_a_named_loss_not_a_leak() -> None:
     assert "LOSS" in rep.table() and "1 node(s) lose a sign stream" in rep.table()
     # the classic presets judge the signed total only: the same row is a leak there
     assert ConservationReport([lost], preset="lrp-0", masses=False).leaks() == [lost]
+
+
+def test_rounding_residue_is_judged_against_the_output_mass() -> None:
+    """A node that receives 1e-16 of residue (after cancellation) and drops it is not a leak; a
+    node that drops a real share is."""
+    from lrpgraph.report import ConservationReport
+    head = _row(1.0, -1.0, 1.0, -1.0)
+    residue = _row(1e-16, -1e-16, 0.0, 0.0)
+    real = _row(1e-3, -1e-3, 0.0, 0.0)
+    rep = ConservationReport([head, residue, real], preset="abslrp", masses=True)
+    assert rep.leaks() == [real]
