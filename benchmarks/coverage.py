@@ -2,7 +2,8 @@
 
 For every family (a module of ``timm.models``) the smallest variant by parameter count is built
 with random weights in float64 and explained at batch 2, 64x64 where the model accepts it (else its
-default input size). Each model runs in its own process with a time limit. Recorded per preset:
+default input size; twice the size is tried first). Each model runs in its own process with a
+time limit. Recorded per preset:
 traced (by ``torch.fx``, or by the Explainer's fallback tracer where one exists), explained
 (finite relevance, no error), and for ``abslrp`` conserved (every node within 1e-5 relative on the
 signed total and on the positive and negative masses, by-design rows excluded), the worst error and
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import re
 import subprocess
@@ -108,7 +108,8 @@ def _names_op(msg: str) -> str:
 def _build(name: str, size: int):
     import torch
     timm = _timm()
-    tries = [({"img_size": size}, size), ({}, size)]
+    # the requested size, then twice it (Inception needs 75 px), before the model's default size
+    tries = [({"img_size": size}, size), ({}, size), ({"img_size": 2 * size}, 2 * size), ({}, 2 * size)]
     last = None
     for kwargs, s in tries:
         try:
@@ -267,8 +268,8 @@ def write(rows: List[dict], out: str, command: str) -> None:
                         (r.get("abslrp") or {}).get("tracer", "")] + cells + [_failure(r)])
     md = ["# Coverage of the timm model zoo", "",
           "One representative (the smallest variant by parameter count) of each timm 1.0.31 model "
-          "family, random weights, float64, batch 2, 64x64 where the model accepts it (else its "
-          "default size); each model in its own process. *Conserved*: every node of the `abslrp` "
+          "family, random weights, float64, batch 2, 64x64 where the model accepts it (else 128x128, "
+          "else its default size); each model in its own process. *Conserved*: every node of the `abslrp` "
           "report within 1e-5 relative error on the signed total and on the positive and negative "
           "masses (rows that absorb relevance by design excluded). *worst*: the largest relative "
           "error of any node under `abslrp`.", "",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrpgraph.presets import extend_preset
-from lrpgraph.rule import NodeContext, Rule, flat_k, unflat_k
+from lrpgraph.rule import NodeContext, Rule
 
 from .abslrp import AbsAffine, AbsLRP
 from .affine import Affine, MatrixPoolAffine, _arg, _tuple, register_affine

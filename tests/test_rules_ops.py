@@ -20,7 +20,7 @@ from lrpgraph.rules.normalization import AbsBatchNormF, AbsGroupNorm
 from lrpgraph.rules.pooling import AbsMaxReduce, MaxReduceWinner
 from lrpgraph.rules.routing import IndexRoute
 from lrpgraph.rules.arithmetic import AbsSub, SubEpsilon
-from test_rules_dense import (B, DT, EPS, K, Lambda, affine_G, autograd_derivative, check_abs, close,
+from test_rules_dense import (B, DT, EPS, K, Lambda, affine_G, autograd_derivative, capture, check_abs, close,
                               dense_op, node_of, not_structural, rel_like, split_parts)
 
 
@@ -416,7 +416,7 @@ def test_addcmul(variant: str) -> None:
     from lrpgraph.rules.arithmetic import AbsAddcmul, AddcmulEpsilon
     x = torch.randn(B, 4, dtype=DT)
     preset = "lrp-epsilon" if variant == "classic" else "abslrp"
-    cs = [c for c in __import__("test_rules_dense").capture(Addcmul(), x, preset)
+    cs = [c for c in capture(Addcmul(), x, preset)
           if isinstance(c.rule, (AbsAddcmul, AddcmulEpsilon))]
     assert len(cs) == 2
     for c, v, n_act in zip(cs, (0.5, 1.0), (2, 1)):
