@@ -1,5 +1,5 @@
 """Pooling, reductions and resampling: average pools with their own divisors, sums, max reductions,
-``Upsample`` / ``F.interpolate``.
+L2 norms, ``Upsample`` / ``F.interpolate``.
 
 The linear ones are affine ops with non-negative weights, described for :func:`affine_of` (so
 every affine rule family serves them, absLRP's closed form ``(x + |x|) * (W^T S)`` included):
@@ -15,6 +15,10 @@ every affine rule family serves them, absLRP's closed form ``(x + |x|) * (W^T S)
 Max reductions (``amax``, ``max`` over a dim) route to the winner of each group, like max pooling:
 absLRP ``paper`` ``r = x (1 + sign h) S`` at the winner, ``head`` adds the winner of ``|x|``;
 the classic presets pass each group's relevance to its winner.
+
+The L2 norm over feature dims is ``h = sum_i x_i (x_i / h)``, non-negative contributions
+``z_i = x_i^2 / h``: absLRP (twin ``||x|| = h``) gives ``r_i = 2 z_i S``, the classic presets the
+epsilon z-rule over the ``z_i``.
 """
 from __future__ import annotations
 
@@ -248,11 +252,68 @@ class MaxReduceWinner(Rule):
 
 
 # --------------------------------------------------------------------------------------------
+# L2 norms
+
+
+def _norm_args(ctx: NodeContext):
+    """(dims, keepdim) of ``x.norm(p=2, dim)`` / ``torch.norm``; other orders are refused."""
+    a, kw = list(ctx.args) + [None] * 4, ctx.kwargs
+    p = kw.get("ord", _arg(a, kw, 1, "p", "fro"))  # linalg.vector_norm names it ord
+    if p not in (2, 2.0, "fro"):
+        raise NotImplementedError(f"{ctx.describe()}: only the L2 norm has a rule (p={p!r})")
+    return _reduced_dims(ctx, _arg(a, kw, 2, "dim", None)), bool(_arg(a, kw, 3, "keepdim", False))
+
+
+def norm_shares(ctx: NodeContext) -> Tensor:
+    """``x_i^2 / h``: the L2 norm ``h = sum_i x_i (x_i / h)`` written as a sum of non-negative
+    contributions (the z-rule's ``z_i``), shaped like ``x``."""
+    x = ctx.inputs[0]
+    dims, keep = _norm_args(ctx)
+    h = _spread(ctx.output.unsqueeze(0), x.shape, dims, keep)[0]
+    return x * x / torch.where(h > 0, h, torch.ones_like(h))
+
+
+class AbsNorm(AbsLRP):
+    """absLRP for the L2 norm over feature dims: the twin ``||x||`` equals ``h``, so
+    ``r_i = 2 x_i^2 / h * S`` (non-negative weights, both variants)."""
+
+    kind = "abslrp.norm"
+
+    def contributions(self, ctx, s):
+        x = ctx.inputs[0]
+        dims, keep = _norm_args(ctx)
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = 2 * norm_shares(ctx) * _spread(s, x.shape, dims, keep)
+        return out
+
+
+class NormEpsilon(Rule):
+    """Classic presets: the epsilon z-rule with ``z_i = x_i^2 / h``."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    @property
+    def name(self) -> str:
+        return f"norm-epsilon({self.epsilon:g})"
+
+    def __call__(self, ctx, relevance):
+        x = ctx.inputs[0]
+        dims, keep = _norm_args(ctx)
+        h = ctx.output
+        s = relevance / (h + self.epsilon)  # h >= 0
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = norm_shares(ctx) * _spread(s, x.shape, dims, keep)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # tables
 
 SUMS = (torch.sum, "sum")
 RESAMPLES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample)
 MAX_REDUCTIONS = (torch.amax, "amax", torch.max, "max")
+NORMS = (torch.norm, "norm", torch.linalg.vector_norm)
 
 register_affine(SUMS, sum_affine)
 register_affine(RESAMPLES, interpolate_affine)
@@ -260,14 +321,15 @@ register_affine(RESAMPLES, interpolate_affine)
 
 def _abs_table(variant: str):
     def table() -> dict:
-        affine, mx = AbsAffine(variant), AbsMaxReduce(variant)
-        return {**{k: affine for k in SUMS + RESAMPLES}, **{k: mx for k in MAX_REDUCTIONS}}
+        affine, mx, norm = AbsAffine(variant), AbsMaxReduce(variant), AbsNorm(variant)
+        return {**{k: affine for k in SUMS + RESAMPLES}, **{k: mx for k in MAX_REDUCTIONS},
+                **{k: norm for k in NORMS}}
     return table
 
 
 def _classic_table() -> dict:
-    eps, wta = Epsilon(1e-6), MaxReduceWinner()
-    return {**{k: eps for k in SUMS + RESAMPLES}, **{k: wta for k in MAX_REDUCTIONS}}
+    eps, wta, norm = Epsilon(1e-6), MaxReduceWinner(), NormEpsilon(1e-6)
+    return {**{k: eps for k in SUMS + RESAMPLES}, **{k: wta for k in MAX_REDUCTIONS}, **{k: norm for k in NORMS}}
 
 
 extend_preset("*", _classic_table)

@@ -442,3 +442,30 @@ def test_sum_over_dim0_is_refused_by_name() -> None:
     with pytest.raises(lrpgraph.RuleError, match="dim 0"):
         lrpgraph.Explainer(Lambda(lambda t: t.sum(0, keepdim=True) * 2).to(DT).eval(),
                            rules="lrp-epsilon")(torch.randn(3, 4, dtype=DT), output_relevance=torch.ones(1, 4, dtype=DT))
+
+
+@pytest.mark.parametrize("variant", ["head", "paper", "classic"])
+@pytest.mark.parametrize("how", ["method", "keepdim"])
+def test_l2_norm(how: str, variant: str) -> None:
+    from lrpgraph.rules.pooling import AbsNorm, NormEpsilon
+    fn = (lambda t: t.norm(dim=-1)) if how == "method" else (lambda t: torch.norm(t, 2, 1, True))
+    x = torch.randn(B, 3, 4, dtype=DT)
+    preset = "lrp-epsilon" if variant == "classic" else "abslrp"
+    c = node_of(Lambda(fn), x, lambda c: isinstance(c.rule, (AbsNorm, NormEpsilon)), preset)
+    h = fn(x)
+    R = rel_like(h)
+    dim = 2 if how == "method" else 1
+    xf = x.reshape(B, -1)
+    idx = torch.arange(xf.shape[1]).reshape(x.shape[1:])
+    G = torch.zeros(B, h[0].numel(), xf.shape[1], dtype=DT)
+    for b in range(B):  # z_ji = x_i^2 / h_j for the entries i of group j
+        for j, group in enumerate(idx.movedim(dim - 1, -1).reshape(-1, x.shape[dim])):
+            G[b, j, group] = xf[b, group] ** 2 / xf[b, group].pow(2).sum().sqrt()
+    hf = h.reshape(B, -1)
+    if variant == "classic":
+        out = c.rule(c.ctx, R)
+        for k in range(K):
+            for b in range(B):
+                close(out[0][k, b].reshape(-1), G[b].T @ (R[k, b].reshape(-1) / (hf[b] + 1e-6)))
+    else:
+        check_abs(AbsNorm(variant)(c.ctx, R), [2 * G], hf, R, variant, [0])
