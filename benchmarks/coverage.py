@@ -173,8 +173,9 @@ def run_one(name: str, size: int, presets) -> dict:
             r["conserved"] = not leaks
             losses = rep.losses(TOL)
             if losses:  # a sign stream with no carrier: named, not a leak
-                w = max(losses, key=lambda b: b.lost_share())
-                r["loss"] = f"{len(losses)} node(s), worst {w.name} ({w.op}): {w.lost_share():.1e}"
+                f = rep.noise_floor()
+                w = max(losses, key=lambda b: b.lost_share(f))
+                r["loss"] = f"{len(losses)} node(s), worst {w.name} ({w.op}): {w.lost_share(f):.1e}"
             if leaks:
                 w = max(leaks, key=lambda b: b.worst(rep.masses, rep.noise_floor()))
                 r["leak"] = f"{w.name} ({w.op}, {w.rule}): {w.worst(rep.masses, rep.noise_floor()):.2e}"

@@ -159,10 +159,12 @@ class NodeBalance:
         mass_err = torch.maximum((self.in_pos - lp - self.out_pos).abs(), (self.in_neg - ln - self.out_neg).abs())
         return float((torch.maximum(abs_err, mass_err) / scale).max())
 
-    def lost_share(self) -> float:
-        """The largest share of the incoming mass lost for want of a carrier (see :meth:`lost`)."""
+    def lost_share(self, floor: Optional[Tensor] = None) -> float:
+        """The largest share of the incoming mass lost for want of a carrier (see :meth:`lost`);
+        ``floor`` as for :meth:`worst`."""
         lp, ln = self.lost()
-        return float(((lp - ln) / self.scale).max())
+        scale = self.scale if floor is None else torch.maximum(self.scale, floor)
+        return float(((lp - ln) / scale).max())
 
 
 def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
@@ -227,7 +229,8 @@ class ConservationReport:
         of the incoming mass): named losses, kept out of :meth:`leaks` (see :meth:`NodeBalance.lost`)."""
         if not self.masses:
             return []
-        return [r for r in self.rows if not r.by_design and r.lost_share() > tol]
+        f = self.noise_floor()
+        return [r for r in self.rows if not r.by_design and r.lost_share(f) > tol]
 
     def max_rel_error(self, masses: Optional[bool] = None) -> float:
         """The worst relative error over all nodes, passes and samples."""
@@ -244,8 +247,9 @@ class ConservationReport:
         for r in self.rows:
             w = r.worst(m, self.noise_floor())
             flag = "LEAK" if w > tol else ("by design" if r.by_design else "")
-            if m and not r.by_design and flag != "LEAK" and r.lost_share() > tol:
-                flag = f"LOSS: a sign stream had no carrier ({r.lost_share():.1e} of the mass)"
+            share = r.lost_share(self.noise_floor()) if m and not r.by_design else 0.0
+            if flag != "LEAK" and share > tol:
+                flag = f"LOSS: a sign stream had no carrier ({share:.1e} of the mass)"
             v = lambda t: f"{float(t[0, b]):.6g}"  # noqa: E731
             lines.append((r.name, _short(r.op), r.rule, v(r.in_sum), v(r.out_sum), v(r.in_pos),
                           v(r.out_pos), v(r.in_neg), v(r.out_neg), v(r.cancelled),
