@@ -97,6 +97,7 @@ def build(e: Any, tol: float = 1e-5, level: int = 1) -> nx.DiGraph:
     if e._plan is None:
         raise ValueError("this Explanation has no graph: explain with report=True")
     masses = e.sign_split
+    floor = e.conservation().noise_floor()  # as the report judges a row
     g = nx.DiGraph(preset=e.preset, tol=tol, start=e._rows[0].name if e._rows else "")
     rows = {r.name: r for r in e._rows}
     touched = set(rows) | {u for u, *_ in e._edges} | {v for _, v, *_ in e._edges}
@@ -117,7 +118,7 @@ def build(e: Any, tol: float = 1e-5, level: int = 1) -> nx.DiGraph:
         if r is not None:
             kind = "input" if n.op == "placeholder" else ("absorbed" if r.by_design else "op")
             attrs.update(op=r.op, rule=r.rule, note=r.note, kind=kind,
-                         worst=r.worst(masses), leak=r.worst(masses) > tol,
+                         worst=r.worst(masses, floor), leak=r.worst(masses, floor) > tol,
                          **{f: _np(getattr(r, f)) for f in FIGURES})
         if n.name in sinks:
             attrs["sink"], attrs["sink_kind"] = sinks[n.name]

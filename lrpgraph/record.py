@@ -234,7 +234,8 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
 
 def batch_axes(plan: Plan, inputs: List[Any], rec: Recording) -> Optional[Dict[fx.Node, Any]]:
     """For every tensor node: the axis of its value that holds the batch (``None`` if none), a
-    tuple of such for tuple values. ``None`` when the probe cannot run (the report then guesses).
+    tuple of such for tuple values. An axis where the batch is merged with another one, batch-major
+    (size ``B * m``), counts as the batch axis too. ``None`` when the probe cannot run (the report then guesses).
 
     Why: the conservation report sums relevance per sample, and a guess by size fails wherever
     another axis has the batch's size (timm's qkv tensor ``(3, B, H, N, d)`` at batch 3). The
@@ -246,8 +247,8 @@ def batch_axes(plan: Plan, inputs: List[Any], rec: Recording) -> Optional[Dict[f
     batch = rec.batch_size
     sizes = set()
     for shp in rec.shapes.values():
-        for s in (shp if _multi(shp) else (shp,)):
-            sizes.update(int(d) for d in (s or ()))
+        for s in _flat_shapes(shp):
+            sizes.update(int(d) for d in s)
     probe = batch + 1
     while probe in sizes:
         probe += 1
@@ -272,20 +273,32 @@ def batch_axes(plan: Plan, inputs: List[Any], rec: Recording) -> Optional[Dict[f
     except Exception:  # data-dependent shapes, ops without fake support: fall back to the guess
         return None
 
-    def axis(real, fake) -> Optional[int]:
+    def axis(real, fake) -> Any:
+        if real is None or fake is None:
+            return None
+        if _multi(real):  # a tuple value, possibly nested (an LSTM's (out, (h, c)))
+            return tuple(axis(r, f) for r, f in zip(real, fake)) if _multi(fake) else None
         hits = [d for d, (r, f) in enumerate(zip(real, fake)) if r == batch and f == probe]
+        if not hits:  # the batch merged with another axis, batch-major (windows of a Swin, B * N rows)
+            hits = [d for d, (r, f) in enumerate(zip(real, fake))
+                    if r != f and r % batch == 0 and f % probe == 0 and r // batch == f // probe]
         return hits[0] if len(hits) == 1 else None
 
     out: Dict[fx.Node, Any] = {}
     for node, shp in rec.shapes.items():
         fake = _shape_of(env.get(node))
-        if fake is None:
-            continue
-        if _multi(shp):
-            out[node] = tuple(axis(r, f) if r is not None and f is not None else None for r, f in zip(shp, fake))
-        else:
+        if fake is not None:
             out[node] = axis(shp, fake)
     return out
+
+
+def _flat_shapes(shape: Any):
+    """Every tensor shape in a recorded shape (nested tuples of shapes for tuple values)."""
+    if _multi(shape):
+        for s in shape:
+            yield from _flat_shapes(s)
+    elif shape is not None:
+        yield shape
 
 
 def _multi(shape: Any) -> bool:

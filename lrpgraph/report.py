@@ -37,6 +37,11 @@ from torch import Tensor
 from .rule import Split
 
 TINY = 1e-30
+#: errors are taken relative to at least this share of the output's mass. Else a node that receives
+#: only rounding residue of earlier cancellations (1e-16 of the total in float64) and drops it shows a
+#: relative error of 1. With the default tolerance 1e-5, a node still leaks once it drops more than
+#: 1e-14 of the total mass.
+NOISE = 1e-9
 
 
 def _batch_dim(t: Tensor, batch: int, axis: Optional[int] = None) -> Optional[int]:
@@ -59,6 +64,12 @@ def stats(t: Optional[Tensor], batch: int, axis: Optional[int] = None):
     if t is None:
         return None
     d = _batch_dim(t, batch, axis)
+    merged = axis + 1 if axis is not None and t.dim() > axis + 1 else (1 if t.dim() >= 2 else None)
+    if d is None and merged is not None and t.shape[merged] % batch == 0 and t.shape[merged] > batch:
+        # the batch merged with another axis, batch-major (``x.flatten(0, 1)``, Swin windows): that
+        # axis found by the probe (else the first), split into (batch, rest)
+        flat = t.movedim(merged, 1).reshape(t.shape[0], batch, -1)
+        return flat.sum(-1), flat.clamp(min=0).sum(-1), flat.clamp(max=0).sum(-1)
     if d is None:  # no batch axis (should not happen for activations): spread the total evenly
         tot = lambda x: (x.reshape(x.shape[0], -1).sum(1, keepdim=True) / batch).expand(-1, batch)  # noqa: E731
         return tot(t), tot(t.clamp(min=0)), tot(t.clamp(max=0))
@@ -146,15 +157,38 @@ class NodeBalance:
         """``abs_err`` relative to the total absolute mass that came in."""
         return self.abs_err / self.scale
 
-    def worst(self, masses: bool = False) -> float:
+    def lost(self) -> tuple:
+        """``(lost_pos, lost_neg)`` per (pass, sample): the whole positive (negative) mass that came
+        in where the rule had no carrier for it (nothing went out with that sign) while the other
+        sign's stream was carried. absLRP's sign split can only rescale a stream that reaches some
+        input with a non-zero contribution (for example, positive relevance arriving only where
+        ``2 z+ = 0``); such a stream is lost by the method's definition, a named loss, not a leak."""
+        zero = torch.zeros_like(self.in_pos)
+        carried_neg = (self.out_neg != 0) | (self.in_neg == 0)
+        carried_pos = (self.out_pos != 0) | (self.in_pos == 0)
+        lp = torch.where((self.out_pos == 0) & (self.in_pos > 0) & carried_neg, self.in_pos, zero)
+        ln = torch.where((self.out_neg == 0) & (self.in_neg < 0) & carried_pos, self.in_neg, zero)
+        return lp, ln
+
+    def worst(self, masses: bool = False, floor: Optional[Tensor] = None) -> float:
         """The largest relative error over passes and samples (0 for by-design absorption);
-        with ``masses`` the positive and negative masses count as well."""
+        with ``masses`` the positive and negative masses count as well, and a stream lost for want
+        of a carrier (:meth:`lost`) is left out of the error (it is reported as a loss). ``floor``
+        (``(K, B)``): the smallest mass the error is taken relative to (see ``NOISE``). A broken
+        fan-out sum counts, and a non-finite row is infinitely wrong."""
+        scale = self.scale if floor is None else torch.maximum(self.scale, floor)
         # the fan-out sum is judged against the mass that was summed (which may have cancelled)
-        fan = self.fanout_err / (self.scale + (self.delivered_mass if self.delivered_mass is not None else 0))
+        fan = self.fanout_err / (scale + (self.delivered_mass if self.delivered_mass is not None else 0))
         w = float(fan.max())
         if not self.by_design:
-            err = self.abs_err if not masses else torch.maximum(self.abs_err, self.mass_err)
-            w = max(w, float((err / self.scale).max()))
+            if not masses:
+                err = self.abs_err
+            else:
+                lp, ln = self.lost()
+                abs_err = (self.in_sum - lp - ln - self.out_sum).abs()
+                mass_err = torch.maximum((self.in_pos - lp - self.out_pos).abs(), (self.in_neg - ln - self.out_neg).abs())
+                err = torch.maximum(abs_err, mass_err)
+            w = max(w, float((err / scale).max()))
         return math.inf if not math.isfinite(w) or not self.finite() else w
 
     def finite(self) -> bool:
@@ -162,6 +196,13 @@ class NodeBalance:
         ts = [self.in_sum, self.in_pos, self.in_neg, self.out_sum, self.out_pos, self.out_neg]
         ts += [t for t in (self.delivered_sum,) if t is not None]
         return all(bool(torch.isfinite(t).all()) for t in ts)
+
+    def lost_share(self, floor: Optional[Tensor] = None) -> float:
+        """The largest share of the incoming mass lost for want of a carrier (see :meth:`lost`);
+        ``floor`` as for :meth:`worst`."""
+        lp, ln = self.lost()
+        scale = self.scale if floor is None else torch.maximum(self.scale, floor)
+        return float(((lp - ln) / scale).max())
 
 
 def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
@@ -215,15 +256,28 @@ class ConservationReport:
     def _masses(self, masses: Optional[bool]) -> bool:
         return self.masses if masses is None else masses
 
+    def noise_floor(self) -> Optional[Tensor]:
+        """``NOISE`` times the mass at the output (the first row): a node that receives only rounding
+        residue of earlier cancellations (1e-16 of the total) is judged against the total."""
+        return self.rows[0].scale * NOISE if self.rows else None
+
     def leaks(self, tol: float = 1e-5, masses: Optional[bool] = None) -> List[NodeBalance]:
         """Rows whose relative error exceeds ``tol`` (by-design absorption excluded)."""
-        m = self._masses(masses)
-        return [r for r in self.rows if r.worst(m) > tol]
+        m, f = self._masses(masses), self.noise_floor()
+        return [r for r in self.rows if r.worst(m, f) > tol]
+
+    def losses(self, tol: float = 1e-5) -> List[NodeBalance]:
+        """Rows of the sign-split preset where a whole sign stream had no carrier (more than ``tol``
+        of the incoming mass): named losses, kept out of :meth:`leaks` (see :meth:`NodeBalance.lost`)."""
+        if not self.masses:
+            return []
+        f = self.noise_floor()
+        return [r for r in self.rows if not r.by_design and r.lost_share(f) > tol]
 
     def max_rel_error(self, masses: Optional[bool] = None) -> float:
         """The worst relative error over all nodes, passes and samples."""
-        m = self._masses(masses)
-        return max((r.worst(m) for r in self.rows), default=0.0)
+        m, f = self._masses(masses), self.noise_floor()
+        return max((r.worst(m, f) for r in self.rows), default=0.0)
 
     def table(self, tol: float = 1e-5, sample: Optional[int] = None, masses: Optional[bool] = None) -> str:
         """A fixed-width text table; leaking rows are marked ``LEAK``. Values are for ``sample``
@@ -233,8 +287,11 @@ class ConservationReport:
         head = ("node", "op", "rule", "in", "out", "in+", "out+", "in-", "out-", "cancel", "rel.err", "")
         lines = []
         for r in self.rows:
-            w = r.worst(m)
+            w = r.worst(m, self.noise_floor())
             flag = ("LEAK non-finite" if not r.finite() else "LEAK") if w > tol else ("by design" if r.by_design else "")
+            share = r.lost_share(self.noise_floor()) if m and not r.by_design else 0.0
+            if not flag.startswith("LEAK") and share > tol:
+                flag = f"LOSS: a sign stream had no carrier ({share:.1e} of the mass)"
             v = lambda t: f"{float(t[0, b]):.6g}"  # noqa: E731
             lines.append((r.name, _short(r.op), r.rule, v(r.in_sum), v(r.out_sum), v(r.in_pos),
                           v(r.out_pos), v(r.in_neg), v(r.out_neg), v(r.cancelled),
@@ -245,8 +302,10 @@ class ConservationReport:
         leaks = self.leaks(tol, m)
         what = "signed total and positive/negative mass" if m else "signed total"
         out.append("")
+        losses = self.losses(tol) if m else []
         out.append(f"{len(self.rows)} nodes, preset {self.preset!r}; checked: {what}; worst relative "
-                   f"error {self.max_rel_error(m):.2e}; {len(leaks)} node(s) leak beyond {tol:g}")
+                   f"error {self.max_rel_error(m):.2e}; {len(leaks)} node(s) leak beyond {tol:g}"
+                   + (f"; {len(losses)} node(s) lose a sign stream with no carrier" if losses else ""))
         return "\n".join(out)
 
     def to_csv(self) -> str:

@@ -259,7 +259,8 @@ def unbroadcast(r: Tensor, shape: Sequence[int], batch_size: int) -> Tensor:
 
     The batch axis is kept even when the operand had size 1 there (a parameter such as a position
     embedding): its relevance stays per sample, shaped ``(K, B, *shape[1:])``, so reports can say
-    how much each sample gave to it.
+    how much each sample gave to it (also where the batch is merged with windows, batch-major, as
+    for a Swin's relative position bias).
     """
     shape = tuple(shape)
     out_rank = r.dim() - 1
@@ -269,7 +270,10 @@ def unbroadcast(r: Tensor, shape: Sequence[int], batch_size: int) -> Tensor:
     if dims:
         r = r.sum(dim=dims, keepdim=True)
     if shape[0] == 1 and r.shape[1] != batch_size:
-        r = r.sum(dim=1, keepdim=True)
+        if r.shape[1] % batch_size == 0:  # broadcast over the batch merged with windows, batch-major
+            r = r.reshape((r.shape[0], batch_size, -1) + tuple(r.shape[2:])).sum(2)
+        else:
+            r = r.sum(dim=1, keepdim=True)
     return r
 
 

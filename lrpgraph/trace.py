@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch import fx, nn
 
@@ -124,9 +124,12 @@ def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
     if isinstance(model, fx.GraphModule):  # a copy of its graph: the passes rewrite ours, never the user's
         return fx.GraphModule(model, copy.deepcopy(model.graph))
     tracer = LRPTracer(has_rule, leaf_modules)
+    saved = _module_state(model)
     try:
         with TRACE_LOCK.tracing():
             graph = tracer.trace(model, concrete_args=concrete_args)
+            # built before the model's state is restored: it copies the constants tracing put on the root
+            gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}LRPGraph")
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         where = tracer.failed_in
         if where is not None and where[0] != "":
@@ -144,5 +147,34 @@ def trace(model: nn.Module, has_rule: Callable[[nn.Module], bool],
             "concrete_args for the arguments that drive it, or wrap the model so that its forward "
             "is traceable"
         ) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, class_name=f"{name}LRPGraph")
+    finally:
+        _restore(saved)
+    return gm
+
+
+_TORCH_STATE = ("_parameters", "_buffers", "_modules")
+
+
+def _module_state(model: nn.Module) -> List[Tuple[nn.Module, dict, dict]]:
+    """Each module's plain attributes, with shallow copies of its dict/list/set attributes.
+
+    Some forwards cache values on the module (timm's LeViT keeps its attention biases in a dict in
+    eval mode); under tracing they would cache fx proxies, which breaks the model's next forward
+    and the next trace. :func:`_restore` puts every attribute back as it was."""
+    out = []
+    for m in model.modules():
+        attrs = {k: v for k, v in m.__dict__.items() if k not in _TORCH_STATE}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        out.append((m, attrs, contents))
+    return out
+
+
+def _restore(saved: List[Tuple[nn.Module, dict, dict]]) -> None:
+    for m, attrs, contents in saved:
+        for k in [k for k in m.__dict__ if k not in _TORCH_STATE and k not in attrs]:
+            del m.__dict__[k]  # set during tracing
+        for k, v in attrs.items():
+            m.__dict__[k] = v
+            if k in contents:  # the same container object, its content as before
+                v.clear()
+                (v.update if isinstance(v, (dict, set)) else v.extend)(contents[k])

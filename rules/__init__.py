@@ -3,8 +3,15 @@
 * :mod:`lrpgraph.rules.abslrp`: absLRP, both formulations (paper-era conserving, current code).
 * :mod:`lrpgraph.rules.classic`: LRP-0, epsilon, gamma, alpha-beta, z+, flat, w-square, z-box.
 * :mod:`lrpgraph.rules.structural`: shape ops that route relevance exactly.
+* :mod:`lrpgraph.rules.activations`: ReLU6, hardsigmoid, hardswish, mish, negation; gates (sigmoid).
+* :mod:`lrpgraph.rules.arithmetic`: subtraction.
+* :mod:`lrpgraph.rules.normalization`: ``F.batch_norm``, GroupNorm.
+* :mod:`lrpgraph.rules.pooling`: average pools with any divisor, sums, max reductions, resampling.
+* :mod:`lrpgraph.rules.routing`: padding, roll, flip, unfold, repeats: exact routing of copied values.
 * :mod:`lrpgraph.rules.affine`: the weighted ops (Linear, Conv, BatchNorm, pools) as forward and
   explicit transpose, shared by every rule family.
+
+The op-family modules add their entries to the presets when ``lrpgraph`` is imported.
 
 A rule is a callable ``rule(ctx, relevance) -> one relevance per input slot``; see
 :mod:`lrpgraph.rule` for the contract.

@@ -71,12 +71,7 @@ class ConvAffine(Affine):
         self.weight, self.bias, self.n_slots = weight, bias, n_slots
         self.nd = weight.dim() - 2
         if isinstance(padding, str):
-            if padding == "valid":
-                padding = 0
-            else:
-                raise NotImplementedError(
-                    f"padding={padding!r} at {where}: only numeric or 'valid' padding is supported; "
-                    "give the conv explicit integer padding")
+            padding = _str_padding(padding, weight.shape[2:], dilation, where)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_shape = tuple(in_shape)
 
@@ -173,6 +168,18 @@ class MatrixPoolAffine(Affine):
         return r
 
 
+def _str_padding(padding: str, kernel, dilation, where: str):
+    """``'valid'`` is 0; ``'same'`` (stride 1) pads ``dilation * (k - 1) / 2`` on each side, which
+    is symmetric for odd kernels (even kernels pad one more on the right: refused)."""
+    if padding == "valid":
+        return 0
+    total = [d * (k - 1) for d, k in zip(_tuple(dilation, len(kernel)), kernel)]
+    if padding == "same" and all(t % 2 == 0 for t in total):
+        return tuple(t // 2 for t in total)
+    raise NotImplementedError(f"padding={padding!r} at {where}: only numeric, 'valid' and 'same' with "
+                              "odd kernels are supported; give the conv explicit integer padding")
+
+
 def _tuple(v, n):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
@@ -188,12 +195,26 @@ def adaptive_matrix(n_in: int, n_out: int, dtype, device) -> Tensor:
     return m
 
 
+#: further affine ops described by the op-family modules (pooling, normalization): key -> describer
+_DESCRIBERS: dict = {}
+
+
+def register_affine(keys, describe) -> None:
+    """Let :func:`affine_of` describe the ops ``keys`` (module types, functions, method names) with
+    ``describe(ctx) -> Affine``, so that every affine rule family serves them."""
+    for k in keys:
+        _DESCRIBERS[k] = describe
+
+
 def affine_of(ctx: NodeContext) -> Affine:
     """Describe the affine op of a node (module or functional form) for the rules.
 
     Raises ``NotImplementedError`` naming the node for configurations the rules do not cover.
     """
     m = ctx.module
+    key = type(m) if m is not None else ctx.target
+    if _DESCRIBERS and key in _DESCRIBERS:
+        return _DESCRIBERS[key](ctx)
     n = len(ctx.inputs)
     x_shape = ctx.input_shapes[0]
     where = ctx.describe()
@@ -262,10 +283,9 @@ def _bn_affine(m, x_dim: int, where: str) -> ScaleAffine:
 
 
 def _avgpool_affine(ctx, kernel, stride, padding, ceil_mode, count_include_pad, divisor):
-    where = ctx.describe()
     if ceil_mode or (not count_include_pad and padding not in (0, (0, 0), (0,), (0, 0, 0))) or divisor:
-        raise NotImplementedError(f"{where}: average pooling with ceil_mode, count_include_pad=False "
-                                  "and padding, or divisor_override is not supported yet")
+        from .pooling import general_avgpool  # windows with their own divisors: see there
+        return general_avgpool(ctx, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
     x_shape = ctx.input_shapes[0]
     ref = ctx.output if isinstance(ctx.output, Tensor) else ctx.inputs[0]
     return PoolAffine(x_shape[1], kernel, stride if stride else kernel, padding, x_shape,

@@ -1,0 +1,135 @@
+"""Element-wise activations beyond those of :mod:`lrpgraph.rules.abslrp`: ReLU6, Hardtanh,
+Hardsigmoid, Hardswish, Mish, negation.
+
+Each is an :class:`~lrpgraph.rules.abslrp.AbsElementwise` with its explicit derivative, so absLRP
+applies the absolute twin of the method to it (``paper``: ``|f(x)|``, ``head``: ``f(|x|)``); the
+classic presets pass relevance through unchanged, as for every other activation.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lrpgraph.presets import extend_preset
+
+from lrpgraph.rule import EPS
+
+from .abslrp import AbsElementwise, d_sigmoid
+from .structural import PassThrough
+
+
+def _box(x: Tensor, lo: float, hi: float) -> Tensor:
+    """1 where ``lo < x < hi``, else 0 (the derivative of a clamp), in x's dtype."""
+    return ((x > lo) & (x < hi)).to(x.dtype)
+
+
+def relu6(x: Tensor) -> Tensor:
+    return F.relu6(x)
+
+
+def d_relu6(x: Tensor) -> Tensor:
+    return _box(x, 0.0, 6.0)
+
+
+def hardtanh(x: Tensor) -> Tensor:
+    return F.hardtanh(x)
+
+
+def d_hardtanh(x: Tensor) -> Tensor:
+    return _box(x, -1.0, 1.0)
+
+
+def hardsigmoid(x: Tensor) -> Tensor:
+    return F.hardsigmoid(x)
+
+
+def d_hardsigmoid(x: Tensor) -> Tensor:
+    return _box(x, -3.0, 3.0) / 6
+
+
+def hardswish(x: Tensor) -> Tensor:
+    return F.hardswish(x)
+
+
+def d_hardswish(x: Tensor) -> Tensor:
+    # x relu6(x + 3) / 6: (2x + 3) / 6 inside (-3, 3), 1 above, 0 below
+    return _box(x, -3.0, 3.0) * (2 * x + 3) / 6 + (x >= 3).to(x.dtype)
+
+
+def mish(x: Tensor) -> Tensor:
+    return F.mish(x)
+
+
+def d_mish(x: Tensor) -> Tensor:
+    t = torch.tanh(F.softplus(x))
+    return t + x * torch.sigmoid(x) * (1 - t * t)
+
+
+def neg(x: Tensor) -> Tensor:
+    return -x
+
+
+def d_neg(x: Tensor) -> Tensor:
+    return torch.full_like(x, -1.0)
+
+
+class AbsElementwiseMagnitude(AbsElementwise):
+    """An activation whose ``x f'(x)`` is negative somewhere while ``f(x) > 0`` (sigmoid and
+    hardsigmoid for ``x < 0``, the gates of squeeze-excitation blocks).
+
+    There the paper twin's contribution ``x f'(x) (1 + sign f(x)) S`` would turn part of a positive
+    stream negative, so its mass could not be conserved per sign. ``paper`` keeps the stream's sign
+    and distributes it by the magnitude ``|x f'(x)| (1 + sign f(x))``: the same decision as for
+    softmax and LayerNorm. ``head`` is unchanged (its twin ``f(|x|)`` is renormalised anyway).
+    """
+
+    def gains(self, ctx):
+        x = ctx.inputs[0]
+        if self.variant != "paper" or tuple(ctx.output_shape) != tuple(x.shape):
+            return super().gains(ctx)
+        y = ctx.output
+        out = [None] * len(ctx.inputs)
+        out[0] = (x * self.df(x)).abs_().mul_(torch.sign(y).add_(1)).div_(y.abs().add_(EPS))
+        return out
+
+
+#: activations that take the magnitude form in ``abslrp`` (see AbsElementwiseMagnitude)
+GATES = {
+    "sigmoid": (torch.sigmoid, d_sigmoid, (nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")),
+    "hardsigmoid": (hardsigmoid, d_hardsigmoid, (nn.Hardsigmoid, F.hardsigmoid)),
+}
+
+#: label -> (f, f', keys) (nn.Hardtanh takes bounds, so only F.hardtanh with its defaults is here)
+ACTIVATIONS = {
+    "relu6": (relu6, d_relu6, (nn.ReLU6, F.relu6)),
+    "hardtanh": (hardtanh, d_hardtanh, (F.hardtanh,)),
+    "hardswish": (hardswish, d_hardswish, (nn.Hardswish, F.hardswish)),
+    "mish": (mish, d_mish, (nn.Mish, F.mish)),
+    "neg": (neg, d_neg, (operator.neg, torch.neg, "neg")),
+}
+
+
+def _abs_table(variant: str):
+    def table() -> dict:
+        t = {}
+        for label, (f, df, keys) in ACTIVATIONS.items():
+            rule = AbsElementwise(f, df, variant, label=label)
+            t.update({k: rule for k in keys})
+        for label, (f, df, keys) in GATES.items():
+            rule = AbsElementwiseMagnitude(f, df, variant, label=label)
+            t.update({k: rule for k in keys})
+        return t
+    return table
+
+
+def _classic_table() -> dict:
+    passthrough = PassThrough()
+    return {k: passthrough for _, _, keys in list(ACTIVATIONS.values()) + list(GATES.values()) for k in keys}
+
+
+extend_preset("*", _classic_table)
+extend_preset("abslrp", _abs_table("paper"))
+extend_preset("abslrp-renorm", _abs_table("head"))
