@@ -163,11 +163,11 @@ def _summary(e, b: int) -> Tuple[Tensor, List[str]]:
     rep = e.conservation()
     worst = torch.zeros(b, dtype=torch.float64)
     node = [""] * b
+    floor = rep.noise_floor()
     for r in rep:
         if r.by_design:
             continue
-        err = r.abs_err if not rep.masses else torch.maximum(r.abs_err, r.mass_err)
-        per = (err / r.scale).amax(0)
+        per = r.rel_errors(rep.masses, floor).amax(0)  # as the report judges the row, per sample
         for i in torch.nonzero(per > worst).flatten().tolist():
             worst[i], node[i] = per[i], r.name
     return worst, node

@@ -170,16 +170,15 @@ class NodeBalance:
         ln = torch.where((self.out_neg == 0) & (self.in_neg < 0) & carried_pos, self.in_neg, zero)
         return lp, ln
 
-    def worst(self, masses: bool = False, floor: Optional[Tensor] = None) -> float:
-        """The largest relative error over passes and samples (0 for by-design absorption);
-        with ``masses`` the positive and negative masses count as well, and a stream lost for want
-        of a carrier (:meth:`lost`) is left out of the error (it is reported as a loss). ``floor``
-        (``(K, B)``): the smallest mass the error is taken relative to (see ``NOISE``). A broken
-        fan-out sum counts, and a non-finite row is infinitely wrong."""
+    def rel_errors(self, masses: bool = False, floor: Optional[Tensor] = None) -> Tensor:
+        """The relative error per pass and sample ``(K, B)``: what went missing or appeared (0 for
+        by-design absorption); with ``masses`` the positive and negative masses count as well, and
+        a stream lost for want of a carrier (:meth:`lost`) is left out (it is reported as a loss).
+        ``floor`` (``(K, B)``): the smallest mass the error is taken relative to (see ``NOISE``).
+        A broken fan-out sum counts, and a non-finite row is infinitely wrong."""
         scale = self.scale if floor is None else torch.maximum(self.scale, floor)
         # the fan-out sum is judged against the mass that was summed (which may have cancelled)
-        fan = self.fanout_err / (scale + (self.delivered_mass if self.delivered_mass is not None else 0))
-        w = float(fan.max())
+        w = self.fanout_err / (scale + (self.delivered_mass if self.delivered_mass is not None else 0))
         if not self.by_design:
             if not masses:
                 err = self.abs_err
@@ -188,8 +187,14 @@ class NodeBalance:
                 abs_err = (self.in_sum - lp - ln - self.out_sum).abs()
                 mass_err = torch.maximum((self.in_pos - lp - self.out_pos).abs(), (self.in_neg - ln - self.out_neg).abs())
                 err = torch.maximum(abs_err, mass_err)
-            w = max(w, float((err / scale).max()))
-        return math.inf if not math.isfinite(w) or not self.finite() else w
+            w = torch.maximum(w, err / scale)
+        if not self.finite():
+            return torch.full_like(w, math.inf)
+        return w
+
+    def worst(self, masses: bool = False, floor: Optional[Tensor] = None) -> float:
+        """The largest of :meth:`rel_errors` over passes and samples."""
+        return float(self.rel_errors(masses, floor).max())
 
     def finite(self) -> bool:
         """Whether every figure of the row is finite (NaN or Inf relevance is always a leak)."""
