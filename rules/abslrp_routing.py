@@ -27,6 +27,7 @@ not change its explanation.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from lrpgraph import projections as _projections  # noqa: F401  (registers the pass)
 from lrpgraph.registry import RuleTable
-from lrpgraph.rule import NodeContext, Split, _ratio, expand_stats, sample_dot, sample_sum
+from lrpgraph.rule import NodeContext, Split, _ratio, expand_stats, sample_dot, sample_sum, temp
 
 from .abslrp import AbsLRP
 from .structural import Structural
@@ -73,8 +74,9 @@ class AbsRouting(AbsLRP):
         if isinstance(relevance, list) and isinstance(ctx.output, (tuple, list)):
             # a split into several tensors (unbind, chunk): each piece is a tensor of its own
             # (q, k, v), weighed and conserved on its own before the exact routing
-            pieces = [r if r is None or not isinstance(h, Tensor) or not h.is_floating_point() else
-                      self._piece(ctx, r, h) for r, h in zip(relevance, ctx.output)]
+            pieces = [r if r is None or not isinstance(h, Tensor) or not h.is_floating_point()
+                      or self._piece_on_positive(ctx, i) else
+                      self._piece(ctx, r, h) for i, (r, h) in enumerate(zip(relevance, ctx.output))]
             if ctx.node is not None and self.variant == "paper":
                 ctx.node.meta[_ON_POSITIVE] = True
             return self.inner(ctx, pieces)
@@ -93,10 +95,25 @@ class AbsRouting(AbsLRP):
                  for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
         return self._weigh(gains, routed)
 
+    def _piece_on_positive(self, ctx: NodeContext, i: int) -> bool:
+        """Fast path, paper: whether piece ``i``'s relevance already lies on its positive entries
+        only (every ``getitem`` of it reaches only routing nodes that weighed, through pass-through
+        nodes), so the idempotent rule may skip it, as :func:`_after_routing` does for a tensor."""
+        node, plan = ctx.node, ctx.plan
+        if self.variant != "paper" or ctx.report or node is None or plan is None:
+            return False
+        users = list(node.users)
+        if not all(u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2
+                   and isinstance(u.args[1], int) for u in users):
+            return False
+        mine = [u for u in users if u.args[1] % len(ctx.output) == i]
+        return bool(mine) and all(_users_on_positive(u, plan) for u in mine)
+
     def _piece(self, ctx: NodeContext, r, h: Tensor):
-        g = _gain(h)
-        if self.variant == "paper" and not ctx.report and isinstance(r, Tensor):
-            fast = _weigh_one(r, g)
+        fast_path = self.variant == "paper" and not ctx.report and isinstance(r, Tensor)
+        g = _gain(h, temp(ctx, "abs_routing.gain", h) if fast_path else None)
+        if fast_path:
+            fast = _weigh_one(r, g, temp(ctx, "abs_routing.R*b", r))
             if fast is not None:
                 return fast
         return self._weigh([g], [r])[0]
@@ -144,12 +161,14 @@ def _one_slot_fast(ctx: NodeContext, routed: list) -> Optional[list]:
         return None
     i = live[0]
     out: list = [None] * len(routed)
-    out[i] = _weigh_one(routed[i], _gain(ctx.inputs[i]))
+    x = ctx.inputs[i]
+    out[i] = _weigh_one(routed[i], _gain(x, temp(ctx, "abs_routing.gain", x)), temp(ctx, "abs_routing.R*b", routed[i]))
     return None if out[i] is None else out
 
 
-def _weigh_one(r: Tensor, g: Tensor) -> Optional[Tensor]:
-    """``g (a r+ + b r-)`` with each sign's mass conserved; ``None`` if a stream is lost."""
+def _weigh_one(r: Tensor, g: Tensor, buf: Optional[Tensor] = None) -> Optional[Tensor]:
+    """``g (a r+ + b r-)`` with each sign's mass conserved; ``None`` if a stream is lost.
+    ``buf``: a scratch buffer shaped like ``r`` for a temporary."""
     rp = r.clamp(min=0)
     pos, tot = sample_sum(rp), sample_sum(r)
     tp, tt = sample_dot(rp, g), sample_dot(r, g)
@@ -157,7 +176,7 @@ def _weigh_one(r: Tensor, g: Tensor) -> Optional[Tensor]:
         return None
     a = expand_stats(_ratio(pos, tp), r)
     b = expand_stats(_ratio((tot - pos).abs(), (tt - tp).abs()), r)
-    return rp.mul_(a - b).add_(r * b).mul_(g)  # g (a r+ + b r-)
+    return rp.mul_(a - b).add_(torch.mul(r, b, out=buf)).mul_(g)  # g (a r+ + b r-)
 
 
 def _t(v) -> Tensor:
@@ -180,10 +199,27 @@ def _after_routing(ctx: NodeContext) -> bool:
     return skip
 
 
-def _gain(x: Tensor) -> Tensor:
+def _users_on_positive(node, plan) -> bool:
+    """Whether every user of ``node`` is a routing node of this preset that weighed (or skipped),
+    looking through pass-through nodes (``moves_data = False``: Identity, Dropout, dtype casts keep
+    the entries and their signs), so that the relevance of ``node`` lies on positive entries only."""
+    users = list(node.users)
+    for u in users:
+        rule = plan.rules.get(u)
+        if isinstance(rule, AbsRouting):
+            if u.meta.get(_ON_POSITIVE) is not True:
+                return False
+        elif not (isinstance(rule, Structural) and not rule.moves_data and _users_on_positive(u, plan)):
+            return False
+    return bool(users)
+
+
+def _gain(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``x (1 + sign x) / |x|`` = 2 on positive entries, 0 elsewhere. The paper-era code divides by
-    ``h`` itself where ``h != 0`` (``1e-9`` only where ``h == 0``), so its gain is exactly this."""
-    return (x > 0).to(x.dtype).mul_(2)
+    ``h`` itself where ``h != 0`` (``1e-9`` only where ``h == 0``), so its gain is exactly this.
+    Computed as ``2 max(sign x, 0)`` (a third of the time of ``2 (x > 0)`` on CPU); ``out``: a
+    scratch buffer shaped like ``x``."""
+    return torch.sign(x, out=out).clamp_(min=0).mul_(2)
 
 
 def absolute_routing(table: RuleTable, variant: str) -> RuleTable:

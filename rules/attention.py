@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrpgraph.rule import NodeContext, _ratio, expand_stats, memo, sample_dot, sample_sum, temp
+from lrpgraph.rule import EPS, NodeContext, _ratio, expand_stats, memo, sample_dot, sample_sum, temp
 
 from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
 
@@ -309,14 +309,18 @@ class AbsSoftmax(_CoefficientRule):
 
     kind = "abslrp.softmax"
 
+    def denominator(self, ctx) -> Tensor:
+        """``|h| + 1e-9`` as ``h + 1e-9``: a softmax is non-negative (one pass fewer)."""
+        return torch.add(ctx.output, EPS, out=temp(ctx, "den", ctx.output))
+
     def coefficient(self, ctx) -> Tensor:
         """The contribution per unit ``S``: ``2 |x| h`` / ``2 x h`` (paper), ``x h + |x| h_abs`` (head)."""
         x, h = ctx.inputs[0], ctx.output
-        if self.variant == "paper" and bool(torch.isfinite(x.amin())) and bool(torch.isfinite(x.amax())):
-            # no masked (-inf) scores: no guard needed (two reductions instead of a select pass)
+        if self.variant == "paper" and x.numel() and bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+            # no masked (-inf) scores: no guard needed (one reduction instead of a select pass)
             buf = temp(ctx, "coefficient", x)
-            c = torch.abs(x, out=buf) if self.signs == "keep" else torch.mul(x, 1, out=buf)
-            return c.mul_(h).mul_(2)
+            c = torch.abs(x, out=buf).mul_(h) if self.signs == "keep" else torch.mul(x, h, out=buf)
+            return c.mul_(2)
         live = h > 0
         xs = torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))  # -inf * 0 guard
         if self.variant == "paper":
@@ -336,7 +340,7 @@ def _one_pass_signed(rule: _CoefficientRule, ctx: NodeContext, relevance: Tensor
     likewise, so the result is ``c (a S+ + b S-)`` (what :func:`conserve_signs` computes with two
     streams)."""
     g = rule.coefficient(ctx).div_(rule.denominator(ctx))
-    ga = g.abs()
+    ga = torch.abs(g, out=temp(ctx, "signed.|g|", g))
     rp = relevance.clamp(min=0)
     pos = sample_sum(rp)
     neg = (sample_sum(relevance) - pos).abs()
@@ -345,7 +349,8 @@ def _one_pass_signed(rule: _CoefficientRule, ctx: NodeContext, relevance: Tensor
     a = expand_stats(_ratio(pos, tp), rp)
     b = expand_stats(_ratio(neg, tn), rp)
     out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-    out[0] = rp.mul_(a - b).add_(relevance * b).mul_(g)  # (a S+ + b S-) * c / den
+    rb = torch.mul(relevance, b, out=temp(ctx, "signed.R*b", relevance))
+    out[0] = rp.mul_(a - b).add_(rb).mul_(g)  # (a S+ + b S-) * c / den
     return out
 
 

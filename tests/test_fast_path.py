@@ -175,3 +175,38 @@ def test_retain_freed_memory_takes_effect_in_a_glibc_process():
             "print(ok, platform.libc_ver()[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == ("True" if out[1:] == ["glibc"] else "False")
+
+
+class QKVAttention(nn.Module):
+    """timm's attention layout: a fused q/k/v projection split by reshape, permute and unbind, k
+    through a pass-through (Identity) and a transpose: the paper preset's routing rule weighs k at
+    the transpose, so the fast path skips k's piece at the unbind (the rule is idempotent there)."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.k_norm, self.proj = nn.Linear(dim, 3 * dim), nn.Identity(), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        att = torch.softmax(q @ self.k_norm(k).transpose(-2, -1), dim=-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, n, c)).mean(1)
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "abslrp-renorm"])
+def test_routing_skips_on_the_fast_path_equal_the_report_path(preset):
+    torch.manual_seed(1)
+    m = QKVAttention().eval().to(DT)
+    ex = lrpgraph.Explainer(m, rules=preset)
+    x = torch.randn(3, 5, 8, dtype=DT)
+    slow = ex(x, [0, 1, 2]).relevance
+    fast = ex(x, [0, 1, 2], report=False).relevance
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-15)
+
+
+def test_routing_gain_is_two_on_positive_entries_only():
+    from lrpgraph.rules.abslrp_routing import _gain
+    x = torch.tensor([-1e300, -5e-324, -0.0, 0.0, 5e-324, 1e-300, 3.0, float("inf"), float("-inf")], dtype=DT)
+    want = torch.tensor([0, 0, 0, 0, 2, 2, 2, 2, 0], dtype=DT)
+    assert torch.equal(_gain(x), want) and torch.equal(_gain(x, torch.empty_like(x)), want)
