@@ -373,6 +373,9 @@ class AbsMaxPool(AbsLRP):
     def contributions(self, ctx, s):
         x = ctx.inputs[0]
         cfg = maxpool_config(ctx)
+        if not bool(torch.isfinite(x).all()):  # -inf padding (timm's "same" max-pool) never wins a
+            x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))  # window with a finite entry
+            cfg = {**cfg, "winners_of": ctx.inputs[0]}
         if self.variant == "paper":
             r = x * scatter_max(x, (1 + torch.sign(ctx.output)) * s, cfg)
         elif _nonneg(x):
@@ -405,6 +408,7 @@ def maxpool_config(ctx: NodeContext) -> dict:
 def scatter_max(x: Tensor, s: Tensor, cfg: dict) -> Tensor:
     """Route ``s`` (``(K, *out)``) to the arg-max input of each window of ``x``: ``(K, *x.shape)``."""
     nd = cfg["nd"]
+    x = cfg.get("winners_of", x)  # the arg-max of the values as recorded (padding included)
     _, idx = _MAXPOOL[nd](x, cfg["kernel_size"], cfg["stride"], cfg["padding"], cfg["dilation"],
                           cfg["ceil_mode"], return_indices=True)
     k = s.shape[0]

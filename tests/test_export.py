@@ -249,3 +249,27 @@ def test_every_lifted_op_family_matches_the_fx_path(preset):
     # the only op without a rule on either path is the mask's comparison (it gets no relevance)
     assert [str(n.target) for n in ee.plan.missing] == ["aten.eq.Scalar"]
     assert [n.target.__name__ for n in ef.plan.missing] == ["eq"]
+
+
+class _GroupNormFn(nn.Module):
+    """F.group_norm called in a forward (as timm's GroupNormAct does): no module rule to collapse
+    to; and a max reduction (aten.amax)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+        self.weight, self.bias = nn.Parameter(torch.rand(4) + 0.5), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = torch.nn.functional.group_norm(self.conv(x), 2, self.weight, self.bias, 1e-5)
+        return self.head(torch.relu(h).mean((2, 3)) + torch.amax(h, (2, 3)))
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "lrp-epsilon"])
+def test_functional_group_norm_and_amax_are_lifted_on_the_export_graph(preset):
+    model = _GroupNormFn().eval().to(DT)
+    x = torch.randn(2, 3, 6, 6, dtype=DT)
+    ef = Explainer(model, preset, tracer="fx")(x, target=[0, 3])
+    ee = Explainer(model, preset, tracer="export")(x, target=[0, 3])
+    assert_same(ee.relevance, ef.relevance)
+    assert "aten" not in " ".join(r.op for r in ee.conservation())  # the torch-level rules served them

@@ -471,3 +471,24 @@ def test_l2_norm(how: str, variant: str) -> None:
                 close(out[0][k, b].reshape(-1), G[b].T @ (R[k, b].reshape(-1) / (hf[b] + 1e-6)))
     else:
         check_abs(AbsNorm(variant)(c.ctx, R), [2 * G], hf, R, variant, [0])
+
+
+def test_abslrp_maxpool_after_minus_inf_padding_is_finite() -> None:
+    """timm's "same" max-pool pads with -inf: the padding never wins a window with a finite entry,
+    so it gets no relevance, and the map stays finite (it was NaN: -inf * 0)."""
+    class SamePool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+
+        def forward(self, x):
+            h = F.max_pool2d(F.pad(self.conv(x), (0, 1, 0, 1), value=-float("inf")), 3, 2)
+            return self.head(h.mean((2, 3)))
+
+    model = SamePool().eval().to(DT)
+    x = torch.randn(B, 3, 8, 8, dtype=DT)
+    for preset in ("abslrp", "abslrp-renorm"):
+        e = lrpgraph.Explainer(model, rules=preset)(x, target=[1, 2])
+        assert torch.isfinite(e.relevance).all() and float(e.relevance.abs().sum()) > 0
+    rep = lrpgraph.Explainer(model, rules="abslrp")(x, target=[1, 2]).conservation()
+    assert rep.max_rel_error() < 1e-10, rep.table()
