@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from lrpgraph.presets import extend_preset
-from lrpgraph.rule import NodeContext, Rule, stabilise
+from lrpgraph.rule import NodeContext, stabilise
 
 from .abslrp import AbsLRP
+from .classic import EpsilonRule
 
 SUBS = (operator.sub, torch.sub, torch.subtract, "sub", "subtract")
 
@@ -54,15 +55,10 @@ class AbsSub(AbsLRP):
                 for v, sg in zip(ctx.inputs, signed_operands(ctx))]
 
 
-class SubEpsilon(Rule):
+class SubEpsilon(EpsilonRule):
     """Classic ``a - b``: ``R_a = a R / z``, ``R_b = -b R / z`` (epsilon-stabilised)."""
 
-    def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
-
-    @property
-    def name(self) -> str:
-        return f"sub-epsilon({self.epsilon:g})"
+    op_name = "sub-epsilon"
 
     def __call__(self, ctx, relevance):
         s = relevance / stabilise(ctx.output, self.epsilon or 1e-12)
@@ -105,15 +101,10 @@ class AbsAddcmul(AbsLRP):
         return [None if q is None else 2 * q.clamp(min=0) * s for q in parts]
 
 
-class AddcmulEpsilon(Rule):
+class AddcmulEpsilon(EpsilonRule):
     """Classic ``torch.addcmul``: the epsilon z-rule over ``a`` and ``p``, ``p``'s share split evenly."""
 
-    def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
-
-    @property
-    def name(self) -> str:
-        return f"addcmul-epsilon({self.epsilon:g})"
+    op_name = "addcmul-epsilon"
 
     def __call__(self, ctx, relevance):
         s = relevance / stabilise(ctx.output, self.epsilon or 1e-12)

@@ -33,6 +33,20 @@ from .affine import affine_of
 GUARD = 1e-12
 
 
+
+class EpsilonRule(Rule):
+    """Base of the classic epsilon rules of ops beyond the affine ones (products, subtraction,
+    norms, ...): the stabiliser and the report name ``<op_name>(<epsilon>)``."""
+
+    op_name = "epsilon"
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    @property
+    def name(self) -> str:
+        return f"{self.op_name}({self.epsilon:g})"
+
 class ClassicRule(Rule):
     """Base of the classic rules for affine ops."""
 

@@ -33,7 +33,7 @@ from lrpgraph.rule import NodeContext, Rule
 
 from .abslrp import AbsAffine, AbsLRP
 from .affine import Affine, MatrixPoolAffine, _arg, _tuple, register_affine
-from .classic import Epsilon
+from .classic import Epsilon, EpsilonRule
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
@@ -287,15 +287,10 @@ class AbsNorm(AbsLRP):
         return out
 
 
-class NormEpsilon(Rule):
+class NormEpsilon(EpsilonRule):
     """Classic presets: the epsilon z-rule with ``z_i = x_i^2 / h``."""
 
-    def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
-
-    @property
-    def name(self) -> str:
-        return f"norm-epsilon({self.epsilon:g})"
+    op_name = "norm-epsilon"
 
     def __call__(self, ctx, relevance):
         x = ctx.inputs[0]

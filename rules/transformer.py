@@ -30,6 +30,7 @@ from lrpgraph.rule import NodeContext, Rule, Split, stabilise
 from lrpgraph.text import masked_mean
 
 from .abslrp import AbsLRP
+from .classic import EpsilonRule
 from .attention import (EINSUMS, GUARD, MATMULS, SOFTMAXES, AbsMul, AbsProduct, AbsSoftmax,  # noqa: F401
                         _activations, _CoefficientRule, _operands, _parse_einsum, _product, _product_mass,
                         _promote, einsum_contributions, matmul_contributions)
@@ -130,16 +131,11 @@ class EmbeddingSum(Rule):
 # classic rules
 
 
-class ProductEpsilon(Rule):
+class ProductEpsilon(EpsilonRule):
     """Classic product of two activations: the epsilon z-rule, split 50/50 between the operands
     (LXT's uniform rule for ``matmul``); one activation times a constant: the plain z-rule."""
 
-    def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
-
-    @property
-    def name(self) -> str:
-        return f"product-epsilon({self.epsilon:g})"
+    op_name = "product-epsilon"
 
     def __call__(self, ctx, relevance):
         p = _product(ctx)
@@ -187,15 +183,10 @@ class ClassicMul(Rule):
         return out
 
 
-class MaskedMeanEpsilon(Rule):
+class MaskedMeanEpsilon(EpsilonRule):
     """Classic ``masked_mean``: the epsilon z-rule with the constant weights ``m_t / sum m``."""
 
-    def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = float(epsilon)
-
-    @property
-    def name(self) -> str:
-        return f"masked-mean-epsilon({self.epsilon:g})"
+    op_name = "masked-mean-epsilon"
 
     def __call__(self, ctx, relevance):
         x, m = ctx.inputs[0], ctx.inputs[1]
