@@ -135,10 +135,47 @@ def _build(name: str, size: int):
     return model, x
 
 
+def explain_row(model, x, preset: str, **call) -> dict:
+    """Explain ``x`` with one preset: traced/explained/conserved, the worst error, the named
+    losses, the worst leak or the error and the op it names (``call``: Explainer call arguments)."""
+    import torch
+    import lrpgraph
+    r: dict = {}
+    t0 = time.perf_counter()
+    try:
+        ex = lrpgraph.Explainer(model, rules=preset, output=call.pop("output", None))
+        r["tracer"] = str(getattr(ex, "tracer", None) or "fx")
+        r["traced"] = True
+        e = ex(x, **call)
+        rel = e.relevance
+        if not bool(torch.isfinite(rel).all()):
+            raise FloatingPointError("non-finite input relevance")
+        r["explained"] = True
+        rep = e.conservation()
+        r["worst"] = rep.max_rel_error()
+        leaks = rep.leaks(TOL)
+        r["conserved"] = not leaks
+        losses = rep.losses(TOL)
+        if losses:  # a sign stream with no carrier: named, not a leak
+            f = rep.noise_floor()
+            w = max(losses, key=lambda b: b.lost_share(f))
+            r["loss"] = f"{len(losses)} node(s), worst {w.name} ({w.op}): {w.lost_share(f):.1e}"
+        if leaks:
+            w = max(leaks, key=lambda b: b.worst(rep.masses, rep.noise_floor()))
+            r["leak"] = f"{w.name} ({w.op}, {w.rule}): {w.worst(rep.masses, rep.noise_floor()):.2e}"
+            r["n_leaks"] = len(leaks)
+    except Exception as exc:  # noqa: BLE001
+        r.setdefault("traced", False)
+        r["explained"] = False
+        r["error"] = _short_error(exc)
+        r["names"] = _names_op(str(exc))
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    return r
+
+
 def run_one(name: str, size: int, presets) -> dict:
     """Explain one model with each preset; a JSON-able row."""
     import torch
-    import lrpgraph
     from lrpgraph.registry import get_composite
     from lrpgraph.trace import trace
     torch.manual_seed(0)
@@ -156,37 +193,7 @@ def run_one(name: str, size: int, presets) -> dict:
         row["fx"] = False
         row["fx_error"] = _short_error(exc)
     for p in presets:
-        r: dict = {}
-        t0 = time.perf_counter()
-        try:
-            ex = lrpgraph.Explainer(model, rules=p)
-            r["tracer"] = str(getattr(ex, "tracer", None) or "fx")
-            r["traced"] = True
-            e = ex(x)
-            rel = e.relevance
-            if not bool(torch.isfinite(rel).all()):
-                raise FloatingPointError("non-finite input relevance")
-            r["explained"] = True
-            rep = e.conservation()
-            r["worst"] = rep.max_rel_error()
-            leaks = rep.leaks(TOL)
-            r["conserved"] = not leaks
-            losses = rep.losses(TOL)
-            if losses:  # a sign stream with no carrier: named, not a leak
-                f = rep.noise_floor()
-                w = max(losses, key=lambda b: b.lost_share(f))
-                r["loss"] = f"{len(losses)} node(s), worst {w.name} ({w.op}): {w.lost_share(f):.1e}"
-            if leaks:
-                w = max(leaks, key=lambda b: b.worst(rep.masses, rep.noise_floor()))
-                r["leak"] = f"{w.name} ({w.op}, {w.rule}): {w.worst(rep.masses, rep.noise_floor()):.2e}"
-                r["n_leaks"] = len(leaks)
-        except Exception as exc:  # noqa: BLE001
-            r.setdefault("traced", False)
-            r["explained"] = False
-            r["error"] = _short_error(exc)
-            r["names"] = _names_op(str(exc))
-        r["seconds"] = round(time.perf_counter() - t0, 1)
-        row[p] = r
+        row[p] = explain_row(model, x, p)
     return row
 
 
@@ -295,7 +302,9 @@ def write(rows: List[dict], out: str, command: str) -> None:
            "the other stream is still checked.",
            "* *abslrp-renorm*, *lrp-epsilon*: explained (finite relevance, no error). Their "
            "conservation is not a goal (unit-mass renormalisation, epsilon absorption).",
-           "* The representative of each family is fixed in `benchmarks/coverage_models.json`."]
+           "* The representative of each family is fixed in `benchmarks/coverage_models.json`.",
+           "* Hugging Face architectures (BERT, DistilBERT, MiniLM, ViT, DeiT, DINOv2, Swin): "
+           "[coverage_hf.md](coverage_hf.md) (`benchmarks/coverage_hf.py`)."]
     md += ["", "## Per model", "",
            "| family | model | input | fx | abslrp | worst | named loss (abslrp) | abslrp-renorm | lrp-epsilon | failure |",
            "|---|---|---|---|---|---|---|---|---|---|"]
