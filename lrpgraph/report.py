@@ -47,9 +47,11 @@ NOISE = 1e-9
 def _batch_dim(t: Tensor, batch: int, axis: Optional[int] = None) -> Optional[int]:
     """The batch dim of a ``(K, ...)`` relevance tensor: ``axis + 1`` when the node's batch axis is
     known (:func:`lrpgraph.record.batch_axes`), else a guess by size: dim 1, else the first dim of
-    size ``batch`` (relevance kept per sample for a parameter sits at dim 1)."""
-    if axis is not None and t.dim() > axis + 1 and t.shape[axis + 1] == batch:
-        return axis + 1
+    size ``batch`` (relevance kept per sample for a parameter sits at dim 1). A known axis where the
+    batch is merged with another one gives ``None`` (see :func:`stats`): another dim that happens to
+    have the batch's size is not the batch (a Swin window's ``(B * nW, 2, 2, C)`` at batch 2)."""
+    if axis is not None and t.dim() > axis + 1:
+        return axis + 1 if t.shape[axis + 1] == batch else None
     if t.dim() >= 2 and t.shape[1] == batch:
         return 1
     for d in range(2, t.dim()):
@@ -70,6 +72,8 @@ def stats(t: Optional[Tensor], batch: int, axis: Optional[int] = None):
         # axis found by the probe (else the first), split into (batch, rest)
         flat = t.movedim(merged, 1).reshape(t.shape[0], batch, -1)
         return flat.sum(-1), flat.clamp(min=0).sum(-1), flat.clamp(max=0).sum(-1)
+    if d is None and axis is not None:  # the probe's axis does not fit this tensor: guess by size
+        d = _batch_dim(t, batch)
     if d is None:  # no batch axis (should not happen for activations): spread the total evenly
         tot = lambda x: (x.reshape(x.shape[0], -1).sum(1, keepdim=True) / batch).expand(-1, batch)  # noqa: E731
         return tot(t), tot(t.clamp(min=0)), tot(t.clamp(max=0))

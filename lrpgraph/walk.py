@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message
@@ -119,20 +120,28 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         if len(out) != len(slots):
             raise RuleError(f"rule {rule.name} at {ctx.describe()} returned {len(out)} relevance "
                             f"entries for {len(slots)} input slot(s)")
-        out = [_fit(o, ctx, i, rule) for i, o in enumerate(out)]
+        raw, out = out, [_fit(o, ctx, i, rule) for i, o in enumerate(out)]
         if report:
+            # an operand broadcast in the forward pass (a bias over windows, a gate over tokens) is
+            # measured before its copies' relevance is summed: signs that cancel in that sum are
+            # cancellation at the operand (its `cancel` column), not mass lost by this rule
+            broad = [_broadcast(a, o, ctx) for a, o in zip(raw, out)]
             rows.append(balance(node.name, describe_target(node.op, node.target, ctx.module),
-                                rule.name, r, out, B, delivered_pos=delivered.pop(node, None),
+                                rule.name, r, [a if b else o for a, o, b in zip(raw, out, broad)], B,
+                                delivered_pos=delivered.pop(node, None),
                                 note="renormalised to unit mass after this row" if rule.renormalise else "",
-                                axis=axes.get(node), out_axes=[axes.get(s) for s in slots],
+                                axis=axes.get(node), out_axes=[axes.get(node) if b else axes.get(s)
+                                                               for s, b in zip(slots, broad)],
                                 delivered=fan.pop(node, None)))
         for j, (s, o) in enumerate(zip(slots, out)):
             if o is None:
                 continue
             if report and isinstance(o, (Tensor, Split)):
-                pos = o.pos if isinstance(o, Split) else o
+                pos = raw[j] if broad[j] else o
+                pos = pos.pos if isinstance(pos, Split) else pos
                 if pos is not None:
-                    delivered[s] = delivered.get(s, 0) + stats(pos, B, _plain(axes.get(s)))[1]
+                    ax = axes.get(node) if broad[j] else axes.get(s)
+                    delivered[s] = delivered.get(s, 0) + stats(pos, B, _plain(ax))[1]
             if isinstance(o, Split):
                 o = o.total()
             sent = relevance_stats(o, B, axes.get(s)) if report else None
@@ -146,13 +155,24 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                 fan[s] = got if old is None else (old[0] + got[0], old[1] + got[1])
             rel[s] = _add(rel.get(s), o)
         rec.values.pop(node, None)
-        out = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
+        out = raw = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
     inputs = [rel.pop(p, None) for p in plan.placeholders]
     return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept, "edges": edges}
 
 
 def _plain(axis: Any) -> Optional[int]:
     return axis if isinstance(axis, int) else None
+
+
+def _broadcast(raw: Relevance, fitted: Relevance, ctx: NodeContext) -> bool:
+    """Whether ``_fit`` summed ``raw`` (shaped like the node's output) down to a broadcast operand."""
+    if raw is None or raw is fitted or not isinstance(raw, (Tensor, Split)):
+        return False
+    t = raw if isinstance(raw, Tensor) else (raw.pos if raw.pos is not None else raw.neg)
+    f = fitted if isinstance(fitted, Tensor) else (fitted.pos if fitted.pos is not None else fitted.neg)
+    out = ctx.output_shape
+    return (t is not None and f is not None and isinstance(out, torch.Size) and tuple(t.shape[1:]) == tuple(out)
+            and t.numel() != f.numel())
 
 
 def _fit(o: Relevance, ctx: NodeContext, i: int, rule: Rule) -> Relevance:
