@@ -132,7 +132,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                                 note="renormalised to unit mass after this row" if rule.renormalise else "",
                                 axis=axes.get(node), out_axes=[axes.get(node) if b else axes.get(s)
                                                                for s, b in zip(slots, broad)],
-                                delivered=fan.pop(node, None)))
+                                delivered=fan.pop(node, None), value=ctx.output))
         for j, (s, o) in enumerate(zip(slots, out)):
             if o is None:
                 continue

@@ -79,3 +79,35 @@ def test_windows_merged_with_the_batch_are_counted_per_sample():
 
 def test_a_bias_broadcast_over_windows_is_measured_before_its_copies_are_summed():
     _check(WindowBias())
+
+
+class ZeroHead(nn.Module):
+    """A classifier head with all-zero weights and bias (timm initialises gMLP's, Hiera's and
+    Sequencer's so): the logits are 0 for every input and no relevance has a carrier."""
+
+    def __init__(self, zero: bool = True):
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+        if zero:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_relevance_on_an_all_zero_head_is_a_named_loss_not_a_leak():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, dtype=DT)
+    e = lrpgraph.Explainer(ZeroHead().eval().to(DT), rules="abslrp")(x)
+    rep = e.conservation()
+    assert float(e.relevance.abs().sum()) == 0.0
+    assert rep.leaks() == [] and [r.name for r in rep.losses()] == ["head"]
+    assert rep["head"].lost_share() == 1.0 and "LOSS" in rep.table()
+    # a rule that drops everything on non-zero values still leaks
+    from lrpgraph.report import balance
+    r_in = torch.tensor([[[1.0, -1.0]]], dtype=DT)
+    row = balance("n", "op", "rule", r_in, [torch.zeros(1, 1, 2, dtype=DT)], 1, value=torch.ones(1, 2, dtype=DT))
+    assert row.worst(True) == 0.5 and row.lost_share() == 0.0
+    row = balance("n", "op", "rule", r_in, [torch.zeros(1, 1, 2, dtype=DT)], 1, value=torch.zeros(1, 2, dtype=DT))
+    assert row.worst(True) == 0.0 and row.lost_share() == 1.0
