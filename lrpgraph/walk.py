@@ -15,7 +15,8 @@ from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message
 from .report import NodeBalance, balance, relevance_stats, stats
-from .rule import NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1, unbroadcast
+from .rule import (SAMPLE_ROWS, NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1,
+                   unbroadcast)
 
 
 class RuleError(RuntimeError):
@@ -109,6 +110,9 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it
         ctx.owns_relevance = (not report and isinstance(r, Tensor) and r._base is None
                               and not (keep is not None and node.name in keep) and sys.getrefcount(r) == 2)
+        slots = plan.slots[node]
+        per_sample = _sample_rows(node, slots, rec, axes, B)
+        token = SAMPLE_ROWS.set(per_sample)  # the rules' sums per sample, not per window
         try:
             out = list(rule(ctx, r))
         except RuleError:
@@ -116,7 +120,8 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         except Exception as exc:
             raise RuleError(f"rule {rule.name} failed at {ctx.describe()}: "
                             f"{type(exc).__name__}: {exc}") from exc
-        slots = plan.slots[node]
+        finally:
+            SAMPLE_ROWS.reset(token)
         if len(out) != len(slots):
             raise RuleError(f"rule {rule.name} at {ctx.describe()} returned {len(out)} relevance "
                             f"entries for {len(slots)} input slot(s)")
@@ -146,7 +151,9 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                 o = o.total()
             sent = relevance_stats(o, B, axes.get(s)) if report else None
             if rule.renormalise and isinstance(o, Tensor):
+                token = SAMPLE_ROWS.set(per_sample)  # unit mass per sample, too
                 o = unit_l1(o)
+                SAMPLE_ROWS.reset(token)
             if sent is not None:
                 st = sent if not rule.renormalise else relevance_stats(o, B, axes.get(s))
                 edges.append((node.name, s.name, j, sent, st[0]))
@@ -162,6 +169,24 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
 
 def _plain(axis: Any) -> Optional[int]:
     return axis if isinstance(axis, int) else None
+
+
+def _sample_rows(node: fx.Node, slots: List[fx.Node], rec: Recording, axes: Dict[fx.Node, Any],
+                 batch: int) -> Optional[Dict[int, int]]:
+    """``{rows: rows per sample}`` for the tensors of ``node`` whose dim 0 is the batch merged with
+    windows or tokens, batch-major (see :data:`lrpgraph.rule.SAMPLE_ROWS`); ``None`` if there are
+    none. A size that some other tensor of the node has on a dim 0 that is not its batch is left out."""
+    rows: Dict[int, int] = {}
+    other = set()
+    for n in (node, *slots):
+        shp = rec.shapes.get(n)
+        if not isinstance(shp, torch.Size) or len(shp) == 0:
+            continue
+        if axes.get(n) == 0 and shp[0] > batch and shp[0] % batch == 0:
+            rows[int(shp[0])] = int(shp[0]) // batch
+        elif axes.get(n) != 0:
+            other.add(int(shp[0]))
+    return {r: m for r, m in rows.items() if r not in other} or None
 
 
 def _broadcast(raw: Relevance, fitted: Relevance, ctx: NodeContext) -> bool:
