@@ -274,7 +274,9 @@ class Explainer:
             finish = self.composite.start.finish
         with torch.no_grad():  # explicit tensor maths only: no autograd graph is built
             with TRACE_LOCK.running():
-                axes = self._batch_axes([x, *extra_inputs], rec) if report else None
+                # the batch axes: the report sums per sample, and rules conserve per sample where
+                # the batch is merged with windows (probed once per input signature)
+                axes = self._batch_axes([x, *extra_inputs], rec)
             keep_set = set(keep) if keep is not None else None
             attn = attention_nodes(self.plan, rec.shapes) if heads else []
             if attn:

@@ -47,9 +47,11 @@ NOISE = 1e-9
 def _batch_dim(t: Tensor, batch: int, axis: Optional[int] = None) -> Optional[int]:
     """The batch dim of a ``(K, ...)`` relevance tensor: ``axis + 1`` when the node's batch axis is
     known (:func:`lrpgraph.record.batch_axes`), else a guess by size: dim 1, else the first dim of
-    size ``batch`` (relevance kept per sample for a parameter sits at dim 1)."""
-    if axis is not None and t.dim() > axis + 1 and t.shape[axis + 1] == batch:
-        return axis + 1
+    size ``batch`` (relevance kept per sample for a parameter sits at dim 1). A known axis where the
+    batch is merged with another one gives ``None`` (see :func:`stats`): another dim that happens to
+    have the batch's size is not the batch (a Swin window's ``(B * nW, 2, 2, C)`` at batch 2)."""
+    if axis is not None and t.dim() > axis + 1:
+        return axis + 1 if t.shape[axis + 1] == batch else None
     if t.dim() >= 2 and t.shape[1] == batch:
         return 1
     for d in range(2, t.dim()):
@@ -70,6 +72,8 @@ def stats(t: Optional[Tensor], batch: int, axis: Optional[int] = None):
         # axis found by the probe (else the first), split into (batch, rest)
         flat = t.movedim(merged, 1).reshape(t.shape[0], batch, -1)
         return flat.sum(-1), flat.clamp(min=0).sum(-1), flat.clamp(max=0).sum(-1)
+    if d is None and axis is not None:  # the probe's axis does not fit this tensor: guess by size
+        d = _batch_dim(t, batch)
     if d is None:  # no batch axis (should not happen for activations): spread the total evenly
         tot = lambda x: (x.reshape(x.shape[0], -1).sum(1, keepdim=True) / batch).expand(-1, batch)  # noqa: E731
         return tot(t), tot(t.clamp(min=0)), tot(t.clamp(max=0))
@@ -130,6 +134,9 @@ class NodeBalance:
     by_design: bool = False
     delivered_sum: Optional[Tensor] = None   # (K, B): what the node's users delivered, summed
     delivered_mass: Optional[Tensor] = None  # (K, B): the absolute mass of those deliveries
+    #: (K, B) bool: the relevance came in only on entries where the node's value is exactly 0 (a
+    #: classifier head with all-zero weights, as timm initialises some): no stream has a carrier
+    dead: Optional[Tensor] = None
 
     @property
     def fanout_err(self) -> Tensor:
@@ -160,12 +167,15 @@ class NodeBalance:
     def lost(self) -> tuple:
         """``(lost_pos, lost_neg)`` per (pass, sample): the whole positive (negative) mass that came
         in where the rule had no carrier for it (nothing went out with that sign) while the other
-        sign's stream was carried. absLRP's sign split can only rescale a stream that reaches some
+        sign's stream was carried, or where neither was but the relevance lay only on entries whose
+        value is exactly 0 (``dead``). absLRP's sign split can only rescale a stream that reaches some
         input with a non-zero contribution (for example, positive relevance arriving only where
-        ``2 z+ = 0``); such a stream is lost by the method's definition, a named loss, not a leak."""
+        ``2 z+ = 0``); such a stream is lost by the method's definition, a named loss, not a leak.
+        A rule that drops both streams of relevance on non-zero values still leaks."""
         zero = torch.zeros_like(self.in_pos)
-        carried_neg = (self.out_neg != 0) | (self.in_neg == 0)
-        carried_pos = (self.out_pos != 0) | (self.in_pos == 0)
+        dead = self.dead if self.dead is not None else torch.zeros_like(self.in_pos, dtype=torch.bool)
+        carried_neg = (self.out_neg != 0) | (self.in_neg == 0) | dead
+        carried_pos = (self.out_pos != 0) | (self.in_pos == 0) | dead
         lp = torch.where((self.out_pos == 0) & (self.in_pos > 0) & carried_neg, self.in_pos, zero)
         ln = torch.where((self.out_neg == 0) & (self.in_neg < 0) & carried_pos, self.in_neg, zero)
         return lp, ln
@@ -212,10 +222,11 @@ class NodeBalance:
 
 def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch: int,
             note: str = "", delivered_pos: Optional[Tensor] = None, axis=None,
-            out_axes: Optional[Sequence] = None, delivered=None) -> NodeBalance:
+            out_axes: Optional[Sequence] = None, delivered=None, value=None) -> NodeBalance:
     """Build a row from a node's incoming relevance and its rule's per-slot output (``axis`` and
     ``out_axes``: the batch axes of the node's value and of each slot's, if known; ``delivered``:
-    ``(sum, mass)`` of what the node's users delivered, for the fan-out check)."""
+    ``(sum, mass)`` of what the node's users delivered, for the fan-out check; ``value``: the
+    node's recorded value, if kept, for :attr:`NodeBalance.dead`)."""
     by_design = outs is None  # absorbed on purpose (parameters, constants)
     s_in = relevance_stats(r_in, batch, axis)
     outs = list(outs or [])
@@ -226,9 +237,21 @@ def balance(name: str, op: str, rule: str, r_in, outs: Optional[Sequence], batch
         s_out = (zero, zero, zero)
     cancelled = zero if delivered_pos is None else (delivered_pos - s_in[1]).clamp(min=0)
     cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    # only where the rule sent nothing at all (cheap otherwise): did any relevance lie on a value?
+    nothing = (s_out[1] == 0) & (s_out[2] == 0) & (s_in[1] - s_in[2] > 0)
+    dead = _dead(r_in, value, batch, axis) if value is not None and not by_design and bool(nothing.any()) else None
     d_sum, d_mass = (cpu(delivered[0]), cpu(delivered[1])) if delivered is not None else (None, None)
     return NodeBalance(name, op, rule, *(cpu(t) for t in s_in), *(cpu(t) for t in s_out),
-                       cpu(cancelled), note=note, by_design=by_design, delivered_sum=d_sum, delivered_mass=d_mass)
+                       cpu(cancelled), note=note, by_design=by_design, delivered_sum=d_sum, delivered_mass=d_mass,
+                       dead=dead)
+
+
+def _dead(r, value, batch: int, axis) -> Optional[Tensor]:
+    """(K, B): whether no entry with non-zero relevance has a non-zero value (``None`` if unknown)."""
+    if not isinstance(r, Tensor) or not isinstance(value, Tensor) or tuple(r.shape[1:]) != tuple(value.shape):
+        return None
+    live = stats(((r != 0) & (value != 0)).to(r.dtype), batch, axis if not isinstance(axis, tuple) else None)
+    return live[0].detach().cpu() == 0
 
 
 @dataclass

@@ -16,6 +16,7 @@ order): a relevance tensor shaped ``(K, *slot_shape)``, or ``None`` for slots th
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -224,9 +225,27 @@ def feature_dims(t: Tensor) -> tuple:
     return tuple(range(2, t.dim()))
 
 
+#: ``{rows: rows per sample}`` for the node whose rule runs: dim-1 sizes of its tensors where the
+#: batch is merged with windows or tokens, batch-major (``(B * nW, ...)``; set by the walker from the
+#: batch-axis probe). The per-sample sums below then add up each sample's rows, so a sign stream is
+#: conserved per sample as everywhere else, not per window (which would lose a window's stream
+#: where the window has no carrier, and make the map depend on how the model lays out its batch).
+SAMPLE_ROWS: "ContextVar[Optional[dict]]" = ContextVar("lrpgraph_sample_rows", default=None)
+
+
+def _per_sample(s: Tensor) -> Tensor:
+    """Per-row sums ``(K, R)`` -> each sample's total, repeated over its rows (see ``SAMPLE_ROWS``)."""
+    rows = SAMPLE_ROWS.get()
+    m = rows.get(s.shape[1], 1) if rows and s.dim() == 2 else 1
+    if m == 1:
+        return s
+    k, r = s.shape
+    return s.reshape(k, r // m, m).sum(-1, keepdim=True).expand(k, r // m, m).reshape(k, r)
+
+
 def sample_sum(t: Tensor) -> Tensor:
     """Sum of a ``(K, B, ...)`` tensor per (k, sample): shape ``(K, B)``."""
-    return t.sum(dim=feature_dims(t)) if t.dim() > 2 else t
+    return _per_sample(t.sum(dim=feature_dims(t)) if t.dim() > 2 else t)
 
 
 def expand_stats(s: Tensor, like: Tensor) -> Tensor:
@@ -338,6 +357,10 @@ def sample_dot(t: Tensor, c: Tensor) -> Tensor:
     model, so large ones are one BLAS dot (or matrix-vector product) per sample, which builds no
     ``(K, B, ...)`` temporary; a batched ``(B, 1, F) @ (B, F, 1)`` product measured 12x slower on CPU.
     """
+    return _per_sample(_row_dot(t, c))
+
+
+def _row_dot(t: Tensor, c: Tensor) -> Tensor:
     k, b = t.shape[0], t.shape[1]
     tf = t.reshape(k, b, -1)
     cf = c.expand(t.shape[1:]).reshape(b, -1)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List, Optional
 
+import torch
 from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message
 from .report import NodeBalance, balance, relevance_stats, stats
-from .rule import NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1, unbroadcast
+from .rule import (SAMPLE_ROWS, NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1,
+                   unbroadcast)
 
 
 class RuleError(RuntimeError):
@@ -108,6 +110,9 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it
         ctx.owns_relevance = (not report and isinstance(r, Tensor) and r._base is None
                               and not (keep is not None and node.name in keep) and sys.getrefcount(r) == 2)
+        slots = plan.slots[node]
+        per_sample = _sample_rows(node, slots, rec, axes, B)
+        token = SAMPLE_ROWS.set(per_sample)  # the rules' sums per sample, not per window
         try:
             out = list(rule(ctx, r))
         except RuleError:
@@ -115,29 +120,40 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         except Exception as exc:
             raise RuleError(f"rule {rule.name} failed at {ctx.describe()}: "
                             f"{type(exc).__name__}: {exc}") from exc
-        slots = plan.slots[node]
+        finally:
+            SAMPLE_ROWS.reset(token)
         if len(out) != len(slots):
             raise RuleError(f"rule {rule.name} at {ctx.describe()} returned {len(out)} relevance "
                             f"entries for {len(slots)} input slot(s)")
-        out = [_fit(o, ctx, i, rule) for i, o in enumerate(out)]
+        raw, out = out, [_fit(o, ctx, i, rule) for i, o in enumerate(out)]
         if report:
+            # an operand broadcast in the forward pass (a bias over windows, a gate over tokens) is
+            # measured before its copies' relevance is summed: signs that cancel in that sum are
+            # cancellation at the operand (its `cancel` column), not mass lost by this rule
+            broad = [_broadcast(a, o, ctx) for a, o in zip(raw, out)]
             rows.append(balance(node.name, describe_target(node.op, node.target, ctx.module),
-                                rule.name, r, out, B, delivered_pos=delivered.pop(node, None),
+                                rule.name, r, [a if b else o for a, o, b in zip(raw, out, broad)], B,
+                                delivered_pos=delivered.pop(node, None),
                                 note="renormalised to unit mass after this row" if rule.renormalise else "",
-                                axis=axes.get(node), out_axes=[axes.get(s) for s in slots],
-                                delivered=fan.pop(node, None)))
+                                axis=axes.get(node), out_axes=[axes.get(node) if b else axes.get(s)
+                                                               for s, b in zip(slots, broad)],
+                                delivered=fan.pop(node, None), value=ctx.output))
         for j, (s, o) in enumerate(zip(slots, out)):
             if o is None:
                 continue
             if report and isinstance(o, (Tensor, Split)):
-                pos = o.pos if isinstance(o, Split) else o
+                pos = raw[j] if broad[j] else o
+                pos = pos.pos if isinstance(pos, Split) else pos
                 if pos is not None:
-                    delivered[s] = delivered.get(s, 0) + stats(pos, B, _plain(axes.get(s)))[1]
+                    ax = axes.get(node) if broad[j] else axes.get(s)
+                    delivered[s] = delivered.get(s, 0) + stats(pos, B, _plain(ax))[1]
             if isinstance(o, Split):
                 o = o.total()
             sent = relevance_stats(o, B, axes.get(s)) if report else None
             if rule.renormalise and isinstance(o, Tensor):
+                token = SAMPLE_ROWS.set(per_sample)  # unit mass per sample, too
                 o = unit_l1(o)
+                SAMPLE_ROWS.reset(token)
             if sent is not None:
                 st = sent if not rule.renormalise else relevance_stats(o, B, axes.get(s))
                 edges.append((node.name, s.name, j, sent, st[0]))
@@ -146,13 +162,42 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                 fan[s] = got if old is None else (old[0] + got[0], old[1] + got[1])
             rel[s] = _add(rel.get(s), o)
         rec.values.pop(node, None)
-        out = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
+        out = raw = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
     inputs = [rel.pop(p, None) for p in plan.placeholders]
     return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept, "edges": edges}
 
 
 def _plain(axis: Any) -> Optional[int]:
     return axis if isinstance(axis, int) else None
+
+
+def _sample_rows(node: fx.Node, slots: List[fx.Node], rec: Recording, axes: Dict[fx.Node, Any],
+                 batch: int) -> Optional[Dict[int, int]]:
+    """``{rows: rows per sample}`` for the tensors of ``node`` whose dim 0 is the batch merged with
+    windows or tokens, batch-major (see :data:`lrpgraph.rule.SAMPLE_ROWS`); ``None`` if there are
+    none. A size that some other tensor of the node has on a dim 0 that is not its batch is left out."""
+    rows: Dict[int, int] = {}
+    other = set()
+    for n in (node, *slots):
+        shp = rec.shapes.get(n)
+        if not isinstance(shp, torch.Size) or len(shp) == 0:
+            continue
+        if axes.get(n) == 0 and shp[0] > batch and shp[0] % batch == 0:
+            rows[int(shp[0])] = int(shp[0]) // batch
+        elif axes.get(n) != 0:
+            other.add(int(shp[0]))
+    return {r: m for r, m in rows.items() if r not in other} or None
+
+
+def _broadcast(raw: Relevance, fitted: Relevance, ctx: NodeContext) -> bool:
+    """Whether ``_fit`` summed ``raw`` (shaped like the node's output) down to a broadcast operand."""
+    if raw is None or raw is fitted or not isinstance(raw, (Tensor, Split)):
+        return False
+    t = raw if isinstance(raw, Tensor) else (raw.pos if raw.pos is not None else raw.neg)
+    f = fitted if isinstance(fitted, Tensor) else (fitted.pos if fitted.pos is not None else fitted.neg)
+    out = ctx.output_shape
+    return (t is not None and f is not None and isinstance(out, torch.Size) and tuple(t.shape[1:]) == tuple(out)
+            and t.numel() != f.numel())
 
 
 def _fit(o: Relevance, ctx: NodeContext, i: int, rule: Rule) -> Relevance:
