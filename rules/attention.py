@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lrpgraph.rule import EPS, NodeContext, _ratio, expand_stats, memo, sample_dot, sample_sum, temp
 
 from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
+from .statistics import activation_slots
 
 MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 EINSUMS = (torch.einsum,)
@@ -37,9 +38,9 @@ GUARD = 1e-12
 
 
 def _activations(ctx: NodeContext) -> List[int]:
-    """Slots holding tensors that depend on the input (constants are weights)."""
-    return [i for i, (v, c) in enumerate(zip(ctx.inputs, ctx.is_parameter))
-            if isinstance(v, Tensor) and not c]
+    """Slots holding tensors that depend on the input (constants are weights; a statistic of the
+    other operand, as in ``x / x.sum(-1, keepdim=True)``, is a constant gate: see :mod:`.statistics`)."""
+    return activation_slots(ctx, Tensor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +238,9 @@ class AbsMul(AbsLRP):
 
     def __call__(self, ctx, relevance):
         if len(_activations(ctx)) >= 2:
+            if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide):
+                raise NotImplementedError(f"{ctx.describe()} divides by an activation that is not a "
+                                          "statistic of the numerator (such as its sum or norm); no rule for that")
             return self._product(ctx, relevance)
         return super().__call__(ctx, relevance)
 
