@@ -113,14 +113,19 @@ class ConvTransposeAffine(Affine):
     """Transposed convolution (``ConvTranspose1d/2d/3d``, ``F.conv_transpose*d``): its forward is the
     op itself, its transpose ``W^T s`` is the ordinary convolution with the same weight (the
     adjoint of a transposed convolution), which gives back the input's size exactly because
-    ``output_padding`` is smaller than the stride."""
+    ``output_padding`` is smaller than the stride. The output padding is read off the recorded
+    output shape, so a module called with ``output_size=`` is described as it ran."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], stride, padding, output_padding, groups,
-                 dilation, in_shape: Sequence[int], n_slots: int = 1):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], stride, padding, groups, dilation,
+                 in_shape: Sequence[int], out_shape: Sequence[int], n_slots: int = 1):
         self.weight, self.bias, self.n_slots = weight, bias, n_slots
-        self.nd = weight.dim() - 2
-        self.stride, self.padding, self.output_padding = stride, padding, output_padding
-        self.groups, self.dilation, self.in_shape = groups, dilation, tuple(in_shape)
+        self.nd = nd = weight.dim() - 2
+        self.stride, self.padding = _tuple(stride, nd), _tuple(padding, nd)
+        self.groups, self.dilation, self.in_shape = groups, _tuple(dilation, nd), tuple(in_shape)
+        # the output padding as recorded (a module called with output_size= chooses it per call)
+        self.output_padding = tuple(
+            o - ((i - 1) * st - 2 * p + d * (k - 1) + 1) for o, i, st, p, d, k in
+            zip(tuple(out_shape)[2:], self.in_shape[2:], self.stride, self.padding, self.dilation, weight.shape[2:]))
 
     def forward(self, x, weight, bias):
         k = x.shape[0] if x.dim() == len(self.in_shape) + 1 else None
@@ -262,8 +267,8 @@ def affine_of(ctx: NodeContext) -> Affine:
             if m.padding_mode != "zeros":
                 raise NotImplementedError(f"padding_mode={m.padding_mode!r} at {where}: only zero "
                                           "padding is supported by the weighted-layer rules")
-            return ConvTransposeAffine(m.weight, m.bias, m.stride, m.padding, m.output_padding, m.groups,
-                                       m.dilation, x_shape)
+            return ConvTransposeAffine(m.weight, m.bias, m.stride, m.padding, m.groups, m.dilation, x_shape,
+                                       ctx.output_shape)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return _bn_affine(m, len(x_shape), where)
         if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
@@ -284,8 +289,8 @@ def affine_of(ctx: NodeContext) -> Affine:
                           n_slots=n, where=where)
     if t in _CONV_T.values():
         return ConvTransposeAffine(_arg(a, kw, 1, "weight"), _arg(a, kw, 2, "bias"), _arg(a, kw, 3, "stride", 1),
-                                   _arg(a, kw, 4, "padding", 0), _arg(a, kw, 5, "output_padding", 0),
-                                   _arg(a, kw, 6, "groups", 1), _arg(a, kw, 7, "dilation", 1), x_shape, n_slots=n)
+                                   _arg(a, kw, 4, "padding", 0), _arg(a, kw, 6, "groups", 1),
+                                   _arg(a, kw, 7, "dilation", 1), x_shape, ctx.output_shape, n_slots=n)
     if t in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
         ks = _arg(a, kw, 1, "kernel_size")
         return _avgpool_affine(ctx, ks, _arg(a, kw, 2, "stride", None) or ks, _arg(a, kw, 3, "padding", 0),
