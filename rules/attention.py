@@ -225,6 +225,27 @@ class AbsProduct(AbsLRP):
         return p.place(ctx, ra, rb)
 
 
+def attention_scale(ctx: NodeContext) -> bool:
+    """Whether the node scales attention scores by a positive number right before a softmax
+    (``softmax((q @ k^T) * scale)``, as timm's non-fused attention writes it). Neither code era
+    applies a rule there: relevance passes through, as at :func:`lrpgraph.attention.scale_query`.
+    (The scaling rule ``2 (c x)+ S`` would drop the entries with negative scores, where the
+    signed softmax rule puts one sign stream's relevance.)"""
+    node, plan = ctx.node, ctx.plan
+    if node is None or plan is None or not node.users or len(_activations(ctx)) != 1:
+        return False
+    if ctx.target not in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+        return False
+    c = [a for a in ctx.args if not isinstance(a, Tensor) and a is not None]
+    if len(ctx.args) != 2 or len(c) != 1 or not isinstance(c[0], (int, float)) or c[0] <= 0:
+        return False
+    for u in node.users:
+        key = type(plan.modules.get(u)) if u.op == "call_module" else u.target
+        if key not in SOFTMAXES:
+            return False
+    return True
+
+
 class AbsMul(AbsLRP):
     """``a * b`` / ``a / c``: a scaling by a constant (:class:`AbsScale`) or, for two
     activations, the product rule (:class:`AbsProduct`)."""
@@ -237,6 +258,8 @@ class AbsMul(AbsLRP):
         self._product = AbsProduct(variant)
 
     def __call__(self, ctx, relevance):
+        if attention_scale(ctx):  # as ``scale_query``: no rule at the attention scale
+            return [relevance if i == _activations(ctx)[0] else None for i in range(len(ctx.inputs))]
         if len(_activations(ctx)) >= 2:
             if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide):
                 raise NotImplementedError(f"{ctx.describe()} divides by an activation that is not a "

@@ -1,7 +1,8 @@
-"""Powers with a constant exponent and normalising statistics written out as graph nodes (an RMS
-norm ``x * rsqrt(mean(x ** 2) + eps)``, a renormalisation ``a / a.sum(-1, keepdim=True)``),
-against literal float64 references, on both tracers (fx, and torch.export through the ATen
-adapters: ``aten.pow``, ``aten.rsqrt``, ``aten.col2im``, ``aten.convolution`` transposed).
+"""Powers with a constant exponent, normalising statistics written out as graph nodes (an RMS
+norm ``x * rsqrt(mean(x ** 2) + eps)``, a renormalisation ``a / a.sum(-1, keepdim=True)``) and
+the attention scale on the scores, against literal float64 references, on both tracers (fx, and
+torch.export through the ATen adapters: ``aten.pow``, ``aten.rsqrt``, ``aten.col2im``,
+``aten.convolution`` transposed).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 import lrpgraph
 from lrpgraph.rules.activations import AbsPow, PowPassThrough
+from lrpgraph.rules.attention import AbsMul, attention_scale
 from lrpgraph.rules.statistics import statistic_slots
 from test_rules_dense import B, DT, EPS, Lambda, check_abs, close, node_of, rel_like, capture
 
@@ -177,6 +179,51 @@ class DivByActivation(nn.Module):
 def test_division_by_an_activation_that_is_not_a_statistic_is_refused(preset: str) -> None:
     with pytest.raises(Exception, match="divides by an activation"):
         lrpgraph.Explainer(DivByActivation().to(DT).eval(), rules=preset)(torch.randn(B, 3, dtype=DT))
+
+
+# --------------------------------------------------------------------------------------------
+# the attention scale on the scores
+
+
+class ScoresScaled(nn.Module):
+    """timm's non-fused attention: ``softmax((q @ k^T) * scale) @ v``; ``after`` puts the scale
+    after the softmax instead (an ordinary scaling by a constant)."""
+
+    def __init__(self, after: bool = False):
+        super().__init__()
+        self.after = after
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        s = q @ k.transpose(-2, -1)
+        a = s.softmax(-1) * 0.5 if self.after else (s * 0.5).softmax(-1)
+        return self.head((a @ v).mean(1))
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "abslrp-renorm"])
+def test_attention_scale_on_the_scores_passes_relevance_through(preset: str) -> None:
+    torch.manual_seed(4)
+    m, x = ScoresScaled().to(DT).eval(), torch.randn(B, 5, 4, dtype=DT)
+    c = node_of(m, x, lambda c: isinstance(c.rule, AbsMul), preset)
+    assert attention_scale(c.ctx)
+    R = rel_like(c.ctx.output)
+    out = c.rule(c.ctx, R)
+    assert out[0] is R and out[1:] == [None] * (len(out) - 1)
+    if preset == "abslrp":
+        rep = lrpgraph.Explainer(m, rules=preset)(x).conservation()
+        assert rep.max_rel_error() < 1e-9 and not rep.losses(1e-5)
+
+
+def test_a_scale_after_the_softmax_is_the_scaling_rule() -> None:
+    torch.manual_seed(5)
+    m, x = ScoresScaled(after=True).to(DT).eval(), torch.randn(B, 5, 4, dtype=DT)
+    c = node_of(m, x, lambda c: isinstance(c.rule, AbsMul))
+    assert not attention_scale(c.ctx)
+    xs, h = c.ctx.inputs[0], c.ctx.output
+    R = rel_like(h)
+    g = 2 * (0.5 * xs).clamp(min=0)
+    check_abs(c.rule(c.ctx, R), [torch.diag_embed(g.reshape(B, -1))], h.reshape(B, -1), R, "paper", [0])
 
 
 # --------------------------------------------------------------------------------------------
