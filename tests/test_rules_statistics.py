@@ -1,7 +1,7 @@
 """Powers with a constant exponent, normalising statistics written out as graph nodes (an RMS
 norm ``x * rsqrt(mean(x ** 2) + eps)``, a renormalisation ``a / a.sum(-1, keepdim=True)``) and
 the attention scale on the scores, against literal float64 references, on both tracers (fx, and
-torch.export through the ATen adapters: ``aten.pow``, ``aten.rsqrt``, ``aten.col2im``,
+torch.export through the ATen adapters: ``aten.pow``, ``aten.rsqrt``, ``aten.col2im``, ``aten.im2col``,
 ``aten.convolution`` transposed).
 """
 from __future__ import annotations
@@ -247,7 +247,7 @@ class NewOps(nn.Module):
         h = self.up(h)                                                 # aten.convolution, transposed
         v = h.pow(2).mean(1, keepdim=True)
         h = h * torch.rsqrt(v + 1e-6) * self.w.reshape(1, -1, 1, 1)    # aten.rsqrt
-        cols = self.cols(h).flatten(2)                                 # (B, 4 * 2 * 2, L)
+        cols = F.unfold(self.cols(h), 1)                               # (B, 4 * 2 * 2, L), aten.im2col
         n = h.shape[-1]
         h = F.fold(cols, (n + 1, n + 1), 2)                            # aten.col2im
         return self.head(h.mean((2, 3)))
