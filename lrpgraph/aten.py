@@ -252,6 +252,11 @@ def _table() -> Dict[Any, Adapter]:
         aten._to_copy: _to, aten.to: _to,
         aten.upsample_nearest2d: _interpolate("nearest", False),
         aten.upsample_bilinear2d: _interpolate("bilinear", True),
+        aten.conv_transpose1d: _fn(F.conv_transpose1d), aten.conv_transpose2d: _fn(F.conv_transpose2d),
+        aten.conv_transpose3d: _fn(F.conv_transpose3d),
+        aten.col2im: _fn(F.fold), aten.im2col: _fn(F.unfold),  # same argument order as F.fold / F.unfold
+        aten.pow: _fn(operator.pow), aten.rsqrt: _fn(torch.rsqrt), aten.sqrt: _fn(torch.sqrt),
+        aten.reciprocal: _fn(torch.reciprocal),
     }
     for name, fn in (("relu", torch.relu), ("silu", F.silu), ("sigmoid", torch.sigmoid),
                      ("tanh", torch.tanh), ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid),

@@ -21,6 +21,8 @@ from lrpgraph.rules.structural import PassThrough, structural_table
 from .canonize import ConvBN, LinearBN
 from .registry import LAYER_TYPES, Composite, RuleTable, Start, register_composite
 
+CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                   F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AFFINE_FUNCTIONS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -123,7 +125,7 @@ def abslrp_table(variant: str) -> dict:
     """The absLRP op table for ``variant`` ``"paper"`` or ``"head"``."""
     affine = A.AbsAffine(variant)
     t: dict = {}
-    for k in AFFINE_MODULES + AFFINE_FUNCTIONS + POOL_MODULES + POOL_FUNCTIONS:
+    for k in AFFINE_MODULES + AFFINE_FUNCTIONS + CONV_TRANSPOSES + POOL_MODULES + POOL_FUNCTIONS:
         t[k] = affine
     for k in BATCHNORMS:
         t[k] = A.AbsBatchNormTwoStage(variant) if variant == "paper" else affine
@@ -167,7 +169,7 @@ def classic_table(dense, conv=None, epsilon: float = 1e-6) -> dict:
     conv = conv or dense
     eps_rule = C.Epsilon(epsilon)
     t: dict = {nn.Linear: dense, F.linear: dense, LinearBN: dense}
-    for k in (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, ConvBN):
+    for k in (nn.Conv1d, nn.Conv2d, nn.Conv3d, F.conv1d, F.conv2d, F.conv3d, ConvBN) + CONV_TRANSPOSES:
         t[k] = conv
     for k in BATCHNORMS + POOL_MODULES + POOL_FUNCTIONS:
         t[k] = eps_rule

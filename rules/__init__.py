@@ -3,10 +3,12 @@
 * :mod:`lrpgraph.rules.abslrp`: absLRP, both formulations (paper-era conserving, current code).
 * :mod:`lrpgraph.rules.classic`: LRP-0, epsilon, gamma, alpha-beta, z+, flat, w-square, z-box.
 * :mod:`lrpgraph.rules.structural`: shape ops that route relevance exactly.
-* :mod:`lrpgraph.rules.activations`: ReLU6, hardsigmoid, hardswish, mish, negation; gates (sigmoid).
+* :mod:`lrpgraph.rules.activations`: ReLU6, hardsigmoid, hardswish, mish, negation, ``x ** p``; gates (sigmoid).
+* :mod:`lrpgraph.rules.statistics`: which operand of a product or division is a statistic of the
+  other (an RMS norm's ``rsqrt(mean(x ** 2))``): a constant gate.
 * :mod:`lrpgraph.rules.arithmetic`: subtraction.
 * :mod:`lrpgraph.rules.normalization`: ``F.batch_norm``, GroupNorm.
-* :mod:`lrpgraph.rules.pooling`: average pools with any divisor, sums, max reductions, resampling.
+* :mod:`lrpgraph.rules.pooling`: average pools with any divisor, sums, ``F.fold``, max reductions, resampling.
 * :mod:`lrpgraph.rules.routing`: padding, roll, flip, unfold, repeats: exact routing of copied values.
 * :mod:`lrpgraph.rules.affine`: the weighted ops (Linear, Conv, BatchNorm, pools) as forward and
   explicit transpose, shared by every rule family.

@@ -30,6 +30,7 @@ from lrpgraph.rule import (EPS, NodeContext, Rule, _ratio, conserve_diagonal, co
                            sample_dot, temp)
 
 from .affine import LinearAffine, affine_of
+from .statistics import activation_slots
 from .derivatives import (ELEMENTWISE, _bind, _leaky_slope, d_gelu_erf, d_gelu_tanh, d_leaky,  # noqa: F401
                           d_relu, d_sigmoid, d_silu, d_tanh, gelu_erf, gelu_tanh)  # (re-exported)
 
@@ -269,8 +270,9 @@ class AbsScale(AbsLRP):
 
 
 def constant_operand(ctx: NodeContext):
-    """For ``x * c`` or ``x / c`` with one activation ``x``: (slot of x, x, multiplier c)."""
-    acts = [i for i, const in enumerate(ctx.is_parameter) if not const]
+    """For ``x * c`` or ``x / c`` with one activation ``x``: (slot of x, x, multiplier c). A
+    statistic of ``x`` (``x / x.sum(-1, keepdim=True)``, see :mod:`.statistics`) counts as a constant."""
+    acts = activation_slots(ctx)
     if len(acts) != 1:
         raise NotImplementedError(f"{ctx.describe()} combines {len(acts)} activations; a product "
                                   "of activations needs a product rule (see the transformer rules)")

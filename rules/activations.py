@@ -1,5 +1,6 @@
 """Element-wise activations beyond those of :mod:`lrpgraph.rules.abslrp`: ReLU6, Hardtanh,
-Hardsigmoid, Hardswish, Mish, negation.
+Hardsigmoid, Hardswish, Mish, negation, powers with a constant exponent (``x ** p``, ``x.pow(p)``,
+``torch.square``; StarReLU's ``relu(x) ** 2``).
 
 Each is an :class:`~lrpgraph.rules.abslrp.AbsElementwise` with its explicit derivative, so absLRP
 applies the absolute twin of the method to it (``paper``: ``|f(x)|``, ``head``: ``f(|x|)``); the
@@ -17,7 +18,7 @@ from lrpgraph.presets import extend_preset
 
 from lrpgraph.rule import EPS
 
-from .abslrp import AbsElementwise, d_sigmoid
+from .abslrp import AbsElementwise, AbsLRP, d_sigmoid
 from .structural import PassThrough
 
 
@@ -76,6 +77,32 @@ def d_neg(x: Tensor) -> Tensor:
     return torch.full_like(x, -1.0)
 
 
+def pow_exponent(ctx) -> float:
+    """The constant exponent ``p`` of a ``x ** p`` node; a power with an activation as its exponent
+    (``2 ** x``, ``x ** y``) is refused by name."""
+    if ctx.target in (torch.square, "square"):
+        return 2.0
+    a, kw = list(ctx.args) + [None], ctx.kwargs
+    base, p = kw.get("input", kw.get("self", a[0])), kw.get("exponent", a[1])
+    if isinstance(base, (int, float)) or not isinstance(p, (int, float)):  # (an unsaved tensor is None)
+        raise NotImplementedError(f"{ctx.describe()}: a power with a tensor exponent has no rule; "
+                                  "only x ** p with a constant number p is element-wise")
+    return float(p)
+
+
+def power(p: float):
+    """(f, f') of ``x ** p``; ``f'(0) = 0`` where ``p < 1`` would give an infinite slope (its
+    ``x f'(x)`` term, which is what the rules use, is 0 there)."""
+    def f(x: Tensor) -> Tensor:
+        return x ** p
+
+    def df(x: Tensor) -> Tensor:
+        if p == 1:
+            return torch.ones_like(x)
+        return torch.where(x != 0, p * x ** (p - 1), torch.zeros_like(x))
+    return f, df
+
+
 class AbsElementwiseMagnitude(AbsElementwise):
     """An activation whose ``x f'(x)`` is negative somewhere while ``f(x) > 0`` (sigmoid and
     hardsigmoid for ``x < 0``, the gates of squeeze-excitation blocks).
@@ -112,6 +139,29 @@ ACTIVATIONS = {
 }
 
 
+class AbsPow(AbsLRP):
+    """absLRP for ``x ** p`` with a constant ``p``: the element-wise rule of ``f(x) = x ** p`` in the
+    magnitude form (``x f'(x) = p x^p`` is negative where ``p < 0``; for ``p > 0`` on the
+    non-negative input of StarReLU it is the plain element-wise rule)."""
+
+    kind = "abslrp.pow"
+
+    def __call__(self, ctx, relevance):
+        f, df = power(pow_exponent(ctx))
+        return AbsElementwiseMagnitude(f, df, self.variant, label="pow")(ctx, relevance)
+
+
+class PowPassThrough(PassThrough):
+    """Classic presets: ``x ** p`` passes relevance through, as every element-wise activation."""
+
+    def route(self, ctx, r):
+        pow_exponent(ctx)  # a tensor exponent is refused by name
+        return super().route(ctx, r)
+
+
+POWS = (operator.pow, torch.pow, "pow", torch.square, "square")
+
+
 def _abs_table(variant: str):
     def table() -> dict:
         t = {}
@@ -121,13 +171,15 @@ def _abs_table(variant: str):
         for label, (f, df, keys) in GATES.items():
             rule = AbsElementwiseMagnitude(f, df, variant, label=label)
             t.update({k: rule for k in keys})
+        t.update({k: AbsPow(variant) for k in POWS})
         return t
     return table
 
 
 def _classic_table() -> dict:
-    passthrough = PassThrough()
-    return {k: passthrough for _, _, keys in list(ACTIVATIONS.values()) + list(GATES.values()) for k in keys}
+    passthrough, power_rule = PassThrough(), PowPassThrough()
+    return {**{k: passthrough for _, _, keys in list(ACTIVATIONS.values()) + list(GATES.values()) for k in keys},
+            **{k: power_rule for k in POWS}}
 
 
 extend_preset("*", _classic_table)

@@ -106,6 +106,38 @@ class ConvAffine(Affine):
         return unflat_k(r, k)
 
 
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class ConvTransposeAffine(Affine):
+    """Transposed convolution (``ConvTranspose1d/2d/3d``, ``F.conv_transpose*d``): its forward is the
+    op itself, its transpose ``W^T s`` is the ordinary convolution with the same weight (the
+    adjoint of a transposed convolution), which gives back the input's size exactly because
+    ``output_padding`` is smaller than the stride. The output padding is read off the recorded
+    output shape, so a module called with ``output_size=`` is described as it ran."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], stride, padding, groups, dilation,
+                 in_shape: Sequence[int], out_shape: Sequence[int], n_slots: int = 1):
+        self.weight, self.bias, self.n_slots = weight, bias, n_slots
+        self.nd = nd = weight.dim() - 2
+        self.stride, self.padding = _tuple(stride, nd), _tuple(padding, nd)
+        self.groups, self.dilation, self.in_shape = groups, _tuple(dilation, nd), tuple(in_shape)
+        # the output padding as recorded (a module called with output_size= chooses it per call)
+        self.output_padding = tuple(
+            o - ((i - 1) * st - 2 * p + d * (k - 1) + 1) for o, i, st, p, d, k in
+            zip(tuple(out_shape)[2:], self.in_shape[2:], self.stride, self.padding, self.dilation, weight.shape[2:]))
+
+    def forward(self, x, weight, bias):
+        k = x.shape[0] if x.dim() == len(self.in_shape) + 1 else None
+        z = _CONV_T[self.nd](flat_k(x) if k is not None else x, weight, bias, self.stride, self.padding,
+                             self.output_padding, self.groups, self.dilation)
+        return unflat_k(z, k) if k is not None else z
+
+    def transpose(self, s, weight):
+        r = _CONV[self.nd](flat_k(s), weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return unflat_k(r, s.shape[0])
+
+
 class ScaleAffine(Affine):
     """Per-channel affine ``z = x * w + b`` (BatchNorm in eval mode), channel dim 1 of x."""
 
@@ -231,6 +263,12 @@ def affine_of(ctx: NodeContext) -> Affine:
                 raise NotImplementedError(f"padding_mode={m.padding_mode!r} at {where}: only zero "
                                           "padding is supported by the weighted-layer rules")
             return ConvAffine(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, x_shape, where=where)
+        if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            if m.padding_mode != "zeros":
+                raise NotImplementedError(f"padding_mode={m.padding_mode!r} at {where}: only zero "
+                                          "padding is supported by the weighted-layer rules")
+            return ConvTransposeAffine(m.weight, m.bias, m.stride, m.padding, m.groups, m.dilation, x_shape,
+                                       ctx.output_shape)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return _bn_affine(m, len(x_shape), where)
         if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
@@ -249,6 +287,10 @@ def affine_of(ctx: NodeContext) -> Affine:
                           _arg(a, kw, 3, "stride", 1), _arg(a, kw, 4, "padding", 0),
                           _arg(a, kw, 5, "dilation", 1), _arg(a, kw, 6, "groups", 1), x_shape,
                           n_slots=n, where=where)
+    if t in _CONV_T.values():
+        return ConvTransposeAffine(_arg(a, kw, 1, "weight"), _arg(a, kw, 2, "bias"), _arg(a, kw, 3, "stride", 1),
+                                   _arg(a, kw, 4, "padding", 0), _arg(a, kw, 6, "groups", 1),
+                                   _arg(a, kw, 7, "dilation", 1), x_shape, ctx.output_shape, n_slots=n)
     if t in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
         ks = _arg(a, kw, 1, "kernel_size")
         return _avgpool_affine(ctx, ks, _arg(a, kw, 2, "stride", None) or ks, _arg(a, kw, 3, "padding", 0),

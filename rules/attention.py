@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lrpgraph.rule import EPS, NodeContext, _ratio, expand_stats, memo, sample_dot, sample_sum, temp
 
 from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
+from .statistics import activation_slots
 
 MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 EINSUMS = (torch.einsum,)
@@ -37,9 +38,9 @@ GUARD = 1e-12
 
 
 def _activations(ctx: NodeContext) -> List[int]:
-    """Slots holding tensors that depend on the input (constants are weights)."""
-    return [i for i, (v, c) in enumerate(zip(ctx.inputs, ctx.is_parameter))
-            if isinstance(v, Tensor) and not c]
+    """Slots holding tensors that depend on the input (constants are weights; a statistic of the
+    other operand, as in ``x / x.sum(-1, keepdim=True)``, is a constant gate: see :mod:`.statistics`)."""
+    return activation_slots(ctx, Tensor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +225,27 @@ class AbsProduct(AbsLRP):
         return p.place(ctx, ra, rb)
 
 
+def attention_scale(ctx: NodeContext) -> bool:
+    """Whether the node scales attention scores by a positive number right before a softmax
+    (``softmax((q @ k^T) * scale)``, as timm's non-fused attention writes it). Neither code era
+    applies a rule there: relevance passes through, as at :func:`lrpgraph.attention.scale_query`.
+    (The scaling rule ``2 (c x)+ S`` would drop the entries with negative scores, where the
+    signed softmax rule puts one sign stream's relevance.)"""
+    node, plan = ctx.node, ctx.plan
+    if node is None or plan is None or not node.users or len(_activations(ctx)) != 1:
+        return False
+    if ctx.target not in (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+        return False
+    c = [a for a in ctx.args if not isinstance(a, Tensor) and a is not None]
+    if len(ctx.args) != 2 or len(c) != 1 or not isinstance(c[0], (int, float)) or c[0] <= 0:
+        return False
+    for u in node.users:
+        key = type(plan.modules.get(u)) if u.op == "call_module" else u.target
+        if key not in SOFTMAXES:
+            return False
+    return True
+
+
 class AbsMul(AbsLRP):
     """``a * b`` / ``a / c``: a scaling by a constant (:class:`AbsScale`) or, for two
     activations, the product rule (:class:`AbsProduct`)."""
@@ -236,7 +258,12 @@ class AbsMul(AbsLRP):
         self._product = AbsProduct(variant)
 
     def __call__(self, ctx, relevance):
+        if attention_scale(ctx):  # as ``scale_query``: no rule at the attention scale
+            return [relevance if i == _activations(ctx)[0] else None for i in range(len(ctx.inputs))]
         if len(_activations(ctx)) >= 2:
+            if ctx.target in (operator.truediv, torch.div, "div", torch.true_divide):
+                raise NotImplementedError(f"{ctx.describe()} divides by an activation that is not a "
+                                          "statistic of the numerator (such as its sum or norm); no rule for that")
             return self._product(ctx, relevance)
         return super().__call__(ctx, relevance)
 

@@ -8,6 +8,7 @@ every affine rule family serves them, absLRP's closed form ``(x + |x|) * (W^T S)
   window sums of the zero-padded input (padded on the right as far as ``ceil_mode``'s last windows
   reach) divided by each window's own divisor, which PyTorch's pool itself gives us;
 * ``torch.sum`` / ``Tensor.sum`` over feature dims: a pooling matrix of ones per axis;
+* ``F.fold`` / ``nn.Fold``: the sum of overlapping patches (weights 1), transposed by ``F.unfold``;
 * ``Upsample`` / ``F.interpolate`` in ``nearest``, ``nearest-exact``, ``linear``, ``bilinear``
   or ``trilinear`` mode: separable, one interpolation matrix per axis, read off by interpolating
   the identity (bicubic weights can be negative, antialiasing is not separable this way: refused).
@@ -132,6 +133,44 @@ def sum_affine(ctx: NodeContext) -> MatrixPoolAffine:
     out = tuple(1 if d in dims else s for d, s in enumerate(x_shape)) if keepdim else \
         tuple(s for d, s in enumerate(x_shape) if d not in dims)
     return MatrixPoolAffine(mats, dims, x_shape, out, n_slots=len(ctx.inputs))
+
+
+# --------------------------------------------------------------------------------------------
+# fold: the sum of overlapping patches
+
+
+class FoldAffine(Affine):
+    """``F.fold`` / ``nn.Fold``: every column entry is added into its place in the output, so
+    overlapping patches sum (a sum pooling with weights 1, ``weight`` is ``None``). The transpose
+    ``W^T s`` gathers each column entry's output value back: ``F.unfold`` with the same
+    arguments (fold's adjoint)."""
+
+    def __init__(self, in_shape, out_shape, params: dict, n_slots: int = 1):
+        self.in_shape, self.out_shape, self.params = tuple(in_shape), tuple(out_shape), params
+        self.weight, self.bias, self.n_slots = None, None, n_slots
+
+    def forward(self, x, weight, bias):
+        lead = x.shape[:-2]
+        z = F.fold(x.reshape((-1,) + tuple(x.shape[-2:])), **self.params)
+        return z.reshape(tuple(lead) + tuple(z.shape[-3:]))
+
+    def transpose(self, s, weight):
+        k = s.shape[0]
+        p = {n: v for n, v in self.params.items() if n != "output_size"}
+        r = F.unfold(s.reshape((-1,) + tuple(self.out_shape[-3:])), **p)
+        return r.reshape((k,) + self.in_shape)
+
+
+def fold_affine(ctx: NodeContext) -> FoldAffine:
+    """:class:`FoldAffine` of a ``F.fold`` call or an ``nn.Fold`` module."""
+    m = ctx.module
+    names = ("output_size", "kernel_size", "dilation", "padding", "stride")
+    if m is not None:
+        params = {n: getattr(m, n) for n in names}
+    else:
+        a, kw = list(ctx.args) + [None] * 6, ctx.kwargs
+        params = {n: _arg(a, kw, i + 1, n, 0 if n == "padding" else 1) for i, n in enumerate(names)}
+    return FoldAffine(ctx.input_shapes[0], ctx.output_shape, params, n_slots=len(ctx.inputs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,21 +349,24 @@ RESAMPLES = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.int
 MAX_REDUCTIONS = (torch.amax, "amax", torch.max, "max")
 NORMS = (torch.norm, "norm", torch.linalg.vector_norm)
 
+FOLDS = (F.fold, nn.Fold)
+
 register_affine(SUMS, sum_affine)
+register_affine(FOLDS, fold_affine)
 register_affine(RESAMPLES, interpolate_affine)
 
 
 def _abs_table(variant: str):
     def table() -> dict:
         affine, mx, norm = AbsAffine(variant), AbsMaxReduce(variant), AbsNorm(variant)
-        return {**{k: affine for k in SUMS + RESAMPLES}, **{k: mx for k in MAX_REDUCTIONS},
+        return {**{k: affine for k in SUMS + RESAMPLES + FOLDS}, **{k: mx for k in MAX_REDUCTIONS},
                 **{k: norm for k in NORMS}}
     return table
 
 
 def _classic_table() -> dict:
     eps, wta, norm = Epsilon(1e-6), MaxReduceWinner(), NormEpsilon(1e-6)
-    return {**{k: eps for k in SUMS + RESAMPLES}, **{k: wta for k in MAX_REDUCTIONS}, **{k: norm for k in NORMS}}
+    return {**{k: eps for k in SUMS + RESAMPLES + FOLDS}, **{k: wta for k in MAX_REDUCTIONS}, **{k: norm for k in NORMS}}
 
 
 extend_preset("*", _classic_table)

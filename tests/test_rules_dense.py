@@ -238,6 +238,17 @@ def _conv2d() -> nn.Module:
     return nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2).to(DT)
 
 
+class _ConvTOutputSize(nn.Module):
+    """A ConvTranspose2d called with ``output_size=``: the output padding is chosen per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.t = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1).to(DT)
+
+    def forward(self, x):
+        return self.t(x, output_size=(6, 5))
+
+
 AFFINE_CASES = {
     "linear": (lambda: nn.Linear(5, 4).to(DT), (B, 5)),
     "linear3d": (lambda: nn.Linear(5, 3).to(DT), (B, 2, 5)),
@@ -253,6 +264,12 @@ AFFINE_CASES = {
     "mean23": (lambda: Lambda(lambda x: x.mean((2, 3))), (B, 3, 4, 5)),
     "torch.mean_keep": (lambda: Lambda(lambda x: torch.mean(x, dim=1, keepdim=True)), (B, 3, 4)),
     "mean_neg": (lambda: Lambda(lambda x: x.mean(-1)), (B, 3, 5)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2,
+                                                    dilation=1).to(DT), (B, 4, 3, 4)),
+    "conv_transpose2d_output_size": (lambda: Lambda(_ConvTOutputSize()), (B, 2, 3, 3)),
+    "f.conv_transpose1d": (lambda: Lambda(lambda x: F.conv_transpose1d(
+        x, torch.linspace(-1, 1, 4 * 3 * 3, dtype=DT).reshape(4, 3, 3), torch.tensor([0.1, -0.2, 0.3], dtype=DT),
+        stride=2, padding=1, dilation=2)), (B, 4, 5)),
 }
 
 
@@ -650,7 +667,7 @@ def classic_ref(zs: Sequence[Tuple[float, Tensor, Tensor]], R: Tensor, eps: floa
 
 
 CLASSIC_CASES = ["linear", "conv1d", "conv2d", "f.linear", "f.conv2d", "avgpool2d", "adaptive7to3",
-                 "mean23"]
+                 "mean23", "conv_transpose2d", "conv_transpose2d_output_size", "f.conv_transpose1d"]
 
 
 def _classic_setup(case: str):

@@ -60,6 +60,8 @@ LINEAR_CASES = {
     "upsample_nearest": (lambda: nn.Upsample(scale_factor=2), (B, 2, 3, 3)),
     "linear1d": (lambda: Lambda(lambda x: F.interpolate(x, size=7, mode="linear")), (B, 2, 4)),
     "f.batch_norm": (_bn_f, (B, 3, 4, 4)),
+    "f.fold_overlap": (lambda: Lambda(lambda x: F.fold(x, (5, 4), 3, padding=1)), (B, 2 * 9, 20)),
+    "nn.fold_strided": (lambda: nn.Fold((5, 6), (2, 3), dilation=(2, 1), stride=(1, 2)), (B, 3 * 6, 6)),
 }
 
 
