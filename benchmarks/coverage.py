@@ -105,6 +105,24 @@ def _names_op(msg: str) -> str:
     return m.group(1) if m else ""
 
 
+def wake(model) -> int:
+    """Give every all-zero weight of ``model`` small seeded random values; the count changed.
+
+    timm initialises some weights to zero (classifier heads of Hiera, gMLP, Sequencer; the last
+    norm of a residual branch). A zero weight makes its output 0 for every input, so no relevance
+    reaches what lies behind it and the sweep would test nothing there: a model with an unsupported
+    op behind a zero head would count as explained. Biases stay as they are."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not name.endswith("bias") and p.numel() and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.02 + (1.0 if p.dim() == 1 else 0.0))
+                n += 1
+    return n
+
+
 def _build(name: str, size: int):
     import torch
     timm = _timm()
@@ -114,6 +132,7 @@ def _build(name: str, size: int):
     for kwargs, s in tries:
         try:
             model = timm.create_model(name, pretrained=False, **kwargs).eval().double()
+            wake(model)
         except Exception as exc:  # noqa: BLE001 - the model does not take img_size
             last = exc
             continue
@@ -125,6 +144,7 @@ def _build(name: str, size: int):
         except Exception as exc:  # noqa: BLE001 - the model does not accept this size
             last = exc
     model = timm.create_model(name, pretrained=False).eval().double()
+    wake(model)
     s = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(2, *s, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     try:
@@ -276,7 +296,9 @@ def write(rows: List[dict], out: str, command: str) -> None:
                         (r.get("abslrp") or {}).get("tracer", "")] + cells + [_failure(r)])
     md = ["# Coverage of the timm model zoo", "",
           "One representative (the smallest variant by parameter count) of each timm 1.0.31 model "
-          "family, random weights, float64, batch 2, 64x64 where the model accepts it (else 128x128, "
+          "family, random weights (timm's initialisation, except that weights it sets to all zeros, such as "
+          "some classifier heads and the last norm of residual branches, get small random values: a zero "
+          "weight would pass no relevance and hide what lies behind it), float64, batch 2, 64x64 where the model accepts it (else 128x128, "
           "else its default size); each model in its own process. *Conserved*: every node of the `abslrp` "
           "report within 1e-5 relative error on the signed total and on the positive and negative "
           "masses (rows that absorb relevance by design excluded). *worst*: the largest relative "
