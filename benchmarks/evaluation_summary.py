@@ -33,7 +33,7 @@ def table(folder: str, model: str) -> List[str]:
         top = g.sort(descending=True).values
         secs = sum(float(r.get(k) or 0) for k in ("gae_s", "abpc_s", "srg_s"))
         out.append(f"| {r['method']} | {_iv(r, 'gae')} | {float((g > 0).double().mean()):.2f} | "
-                   f"{float(top[3:].mean()):.3f} | {float(r['local_consistency']):.3f} | "
+                   f"{float(top[3:].mean()) if top.numel() > 3 else float('nan'):.3f} | {float(r['local_consistency']):.3f} | "
                    f"{float(r['contrastiveness']):.3f} | {_iv(r, 'abpc')} | {_iv(r, 'srg')} | {secs:.0f} |")
     return out
 
