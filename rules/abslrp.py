@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrpgraph.rule import (EPS, NodeContext, Rule, _ratio, conserve_diagonal, conserve_signs, expand_stats, memo,
-                           sample_dot, temp)
+from lrpgraph.rule import EPS, NodeContext, Rule, conserve_diagonal, conserve_signs, memo, temp
 
+from .abslrp_onepass import one_pass_diagonal, one_pass_scale  # noqa: F401  (re-exported)
 from .affine import LinearAffine, affine_of
 from .statistics import activation_slots
 from .derivatives import (ELEMENTWISE, _bind, _leaky_slope, d_gelu_erf, d_gelu_tanh, d_leaky,  # noqa: F401
@@ -61,9 +61,9 @@ class AbsLRP(Rule):
     def name(self) -> str:
         return f"{self.kind}[{self.variant}]"
 
-    def denominator(self, ctx: NodeContext) -> Tensor:
-        """``|h| + 1e-9``, in a scratch buffer (valid while the rule runs)."""
-        return torch.abs(ctx.output, out=temp(ctx, "den", ctx.output)).add_(EPS)
+    def denominator(self, ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
+        """``|h| + 1e-9``, in ``out`` or a scratch buffer (valid while the rule runs)."""
+        return torch.abs(ctx.output, out=out if out is not None else temp(ctx, "den", ctx.output)).add_(EPS)
 
     def contributions(self, ctx: NodeContext, s: Tensor) -> List[Optional[Tensor]]:
         """``a_k * VJP_{a_k}(h + h_abs)[s]`` for every slot (linear in ``s``)."""
@@ -92,47 +92,6 @@ def _nonneg(x: Tensor) -> bool:
     return x.numel() == 0 or bool(x.min() >= 0)  # a reduction, no boolean temporary
 
 
-# --------------------------------------------------------------------------------------------
-# the one-pass form of the paper-era sign split (used when no report is measured)
-#
-# conserve_signs pushes S+ and S- through a rule separately (2K relevance rows) and rescales each
-# stream to the mass of its sign. When every contribution coefficient is non-negative (AbsAffine on
-# Linear here; softmax, LayerNorm and products in rules/transformer.py), the stream masses are
-# known without the streams: |r(S+)| = sum_j S+_j C_j with
-# C_j = the total contribution into output j (summed over inputs and slots). By linearity the
-# result is r(a S+ + b S-) with a = P / |r(S+)|, b = |N| / |r(S-)|: one pass over K rows, same
-# numbers. With a report the exact two-stream Split is kept, so the report measures the streams.
-
-
-def one_pass_scale(relevance: Tensor, column_mass: Union[Tensor, Callable[[Tensor], Tensor]],
-                   den: Tensor, ctx: Optional[NodeContext] = None) -> Tensor:
-    """``a S+ + b S-`` with ``S = relevance / den`` (see above).
-
-    ``column_mass`` and ``den`` broadcast against ``relevance`` without the K axis; ``den`` must be
-    the caller's own new tensor. ``column_mass`` may be a function that computes the mass into the
-    buffer it is given (``den``'s memory, free by then), which saves the largest temporary. With
-    ``ctx`` the result is a scratch buffer of the walk (valid while the rule runs).
-    """
-    s = torch.div(relevance, den, out=temp(ctx, "one-pass.s", relevance))
-    sp = torch.clamp(s, min=0, out=temp(ctx, "one-pass.s+", relevance))
-    p = sample_dot(sp, den)  # R+ = S+ * den: the masses without a clamped copy of R
-    n = (sample_dot(s, den) - p).abs()
-    c = column_mass(den) if callable(column_mass) else column_mass
-    mp = sample_dot(sp, c)
-    mn = (sample_dot(s, c) - mp).abs()
-    a = expand_stats(_ratio(p, mp), s)
-    b = expand_stats(_ratio(n, mn), s)
-    return sp.mul_(a - b).addcmul_(s, b)  # (a - b) S+ + b S = a S+ + b S-
-
-
-def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
-    """The one-pass sign split for an element-wise rule whose contribution is ``coefficient * S``
-    (softmax, LayerNorm): with the gain ``coefficient / den`` it is :func:`conserve_diagonal`."""
-    out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-    out[0] = rule.coefficient(ctx).div_(rule.denominator(ctx))
-    return conserve_diagonal(relevance, out, ctx)
-
-
 class AbsAffine(AbsLRP):
     """Linear, Conv1d/2d/3d, BatchNorm (one stage), average pools, means: ``x*(W^T S) + |x|*(|W|^T S)``.
 
@@ -150,7 +109,8 @@ class AbsAffine(AbsLRP):
         if self.variant != "paper" or ctx.report or not self.divide or not linear:
             return super().__call__(ctx, relevance)
         # the one-pass form (see above): no second sign stream
-        scaled = one_pass_scale(relevance, lambda buf: self.column_mass(ctx, buf), self.denominator(ctx), ctx)
+        scaled = one_pass_scale(relevance, lambda buf: self.column_mass(ctx, buf),
+                                lambda buf: self.denominator(ctx, buf), ctx)
         return self.contributions(ctx, scaled)
 
     def column_mass(self, ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
@@ -159,7 +119,7 @@ class AbsAffine(AbsLRP):
         op = memo(ctx, "affine", lambda: affine_of(ctx))
         x = ctx.inputs[op.slot]
         xa = x if memo(ctx, "x>=0", lambda: _nonneg(x)) else _abs_input(ctx, x)
-        wa = memo(ctx, "|W|", op.weight.abs)
+        wa = _abs_weight(ctx, op.weight)
         h = ctx.output
         if out is None or torch.is_grad_enabled() or not (out.is_contiguous() and h.is_contiguous() and xa.is_contiguous()):
             return F.linear(xa, wa, None if op.bias is None else -op.bias).add_(h)
@@ -173,22 +133,29 @@ class AbsAffine(AbsLRP):
         op = memo(ctx, "affine", lambda: affine_of(ctx))
         x = ctx.inputs[op.slot]
         w = op.weight
-        if w is None or memo(ctx, "W>=0", lambda: _nonneg(w)):  # pooling kernels: W = |W|
+        if w is None or (op.scan_weight_sign and memo(ctx, "W>=0", lambda: _nonneg(w))):  # pooling kernels: W = |W|
             r = (x + memo(ctx, "|x|", x.abs)) * op.transpose(s, w)
         elif memo(ctx, "x>=0", lambda: _nonneg(x)):
-            if isinstance(op, LinearAffine):
-                r = op.transpose(s, w.clamp(min=0)).mul_(x).mul_(2)
+            wp = torch.clamp(w, min=0, out=temp(ctx, "affine.W+", w))
+            if isinstance(op, LinearAffine):  # s @ W+ is a new tensor: in place
+                r = op.transpose(s, wp).mul_(x).mul_(2)
             else:
-                r = 2 * x * op.transpose(s, w.clamp(min=0))
+                r = 2 * x * op.transpose(s, wp)
         elif isinstance(op, LinearAffine):  # s @ W is a new tensor: accumulate in place
             # (no addcmul: a fused multiply-add would leave rounding residue where the two terms
             # cancel exactly, and a stream's rescale would then blow that residue up)
-            wa = memo(ctx, "|W|", w.abs)
+            wa = _abs_weight(ctx, w)
             v = torch.matmul(s, wa, out=temp(ctx, "affine.v", s, tuple(s.shape[:-1]) + (wa.shape[1],)))
             r = op.transpose(s, w).mul_(x).add_(v.mul_(_abs_input(ctx, x)))
         else:
-            r = x * op.transpose(s, w) + memo(ctx, "|x|", x.abs) * op.transpose(s, memo(ctx, "|W|", w.abs))
+            r = x * op.transpose(s, w) + memo(ctx, "|x|", x.abs) * op.transpose(s, _abs_weight(ctx, w))
         return op.place(r)
+
+
+def _abs_weight(ctx: NodeContext, w: Tensor) -> Tensor:
+    """``|W|`` of an affine node's weight, once per node call, in a scratch buffer (a fresh
+    allocation of a large weight's size is page-faulted in on every call)."""
+    return memo(ctx, "|W|", lambda: torch.abs(w, out=temp(ctx, "affine.|W|", w)))
 
 
 def _abs_input(ctx: NodeContext, x: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ from lrpgraph.registry import RuleTable
 from lrpgraph.rule import NodeContext, Split, _ratio, expand_stats, sample_dot, sample_sum, temp
 
 from .abslrp import AbsLRP
+from .abslrp_onepass import block_dots, one_pass_streams
 from .structural import Structural
 
 
@@ -265,6 +266,9 @@ def grouped_affine(rule, ctx: NodeContext, relevance: Tensor, groups: Tensor) ->
         fold = lambda t: None if t is None else t.reshape((G, k) + tuple(t.shape[1:])).sum(0)  # noqa: E731
         return [None if o is None else Split(fold(o.pos), fold(o.neg)) if isinstance(o, Split) else fold(o)
                 for o in out]
+    size = onehot.shape[0] // G
+    if size * G == onehot.shape[0] and torch.equal(groups, torch.arange(onehot.shape[0], device=groups.device) // size):
+        return rule.contributions(ctx, _scale_blocks(rule, ctx, relevance, G))
     # with S = R / den: the masses are sums of R+ and R; the totals of the contributions are sums
     # of R+ * c / den and R * c / den (c: the column mass), per chunk
     den = rule.denominator(ctx).clone()
@@ -276,6 +280,20 @@ def grouped_affine(rule, ctx: NodeContext, relevance: Tensor, groups: Tensor) ->
     a = _ratio(p, mp)[..., groups].reshape(bshape)
     b = _ratio((t - p).abs(), (mt - mp).abs())[..., groups].reshape(bshape)
     return rule.contributions(ctx, rp.mul_(a - b).add_(relevance * b).div_(den))  # a S+ + b S-
+
+
+def _scale_blocks(rule, ctx: NodeContext, relevance: Tensor, G: int) -> Tensor:
+    """:func:`~.abslrp_onepass.one_pass_scale` per chunk, for ``G`` chunks that are equal
+    contiguous blocks of the features (timm's q/k/v): ``a_g S+ + b_g S-`` in every block ``g``."""
+    streams, joint = one_pass_streams(rule, ctx, relevance)
+    dots = block_dots(streams, joint, G)  # (2, 2, K, B, G): [S+, S] x [den, C] per block
+    p, mp = dots[0, 0], dots[0, 1]
+    a, b = _ratio(p, mp), _ratio((dots[1, 0] - p).abs(), (dots[1, 1] - mp).abs())
+    sp, s = streams[0], streams[1]
+    shape = tuple(sp.shape[:-1]) + (G, sp.shape[-1] // G)
+    bshape = tuple(a.shape[:2]) + (1,) * (len(shape) - 4) + (G, 1)
+    a, b = a.reshape(bshape), b.reshape(bshape)
+    return sp.view(shape).mul_(a - b).addcmul_(s.view(shape), b).view(sp.shape)  # a S+ + b S-
 
 
 def out_groups(ctx: NodeContext) -> Optional[Tensor]:

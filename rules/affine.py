@@ -34,6 +34,10 @@ class Affine:
     bias: Optional[Tensor] = None
     slot: int = 0
     n_slots: int = 1
+    #: whether a rule should scan the weight for ``W >= 0`` (a faster form for pooling kernels).
+    #: ``False`` for learned weights: they are signed in practice, the scan costs a pass over the
+    #: weight per call, and the general form gives the same numbers where ``W >= 0`` anyway
+    scan_weight_sign: bool = True
 
     def forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
@@ -50,6 +54,8 @@ class Affine:
 
 
 class LinearAffine(Affine):
+    scan_weight_sign = False
+
     def __init__(self, weight: Tensor, bias: Optional[Tensor], n_slots: int = 1):
         self.weight, self.bias, self.n_slots = weight, bias, n_slots
 
@@ -66,6 +72,8 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class ConvAffine(Affine):
+    scan_weight_sign = False
+
     def __init__(self, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups,
                  in_shape: Sequence[int], n_slots: int = 1, where: str = ""):
         self.weight, self.bias, self.n_slots = weight, bias, n_slots

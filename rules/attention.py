@@ -205,7 +205,8 @@ class AbsProduct(AbsLRP):
 
     def __call__(self, ctx, relevance):
         if self.variant == "paper" and not ctx.report:
-            scaled = one_pass_scale(relevance, lambda buf: _product_mass(ctx, buf), self.denominator(ctx), ctx)
+            scaled = one_pass_scale(relevance, lambda buf: _product_mass(ctx, buf),
+                                    lambda buf: self.denominator(ctx, buf), ctx)
             return self.contributions(ctx, scaled)
         return super().__call__(ctx, relevance)
 
