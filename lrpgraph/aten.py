@@ -178,7 +178,14 @@ def _einsum(args, kwargs, rank):
 
 
 def _to(args, kwargs, rank):
-    dtype = kwargs.get("dtype", args[1] if len(args) > 1 and isinstance(args[1], torch.dtype) else None)
+    # the dtype wherever the overload puts it: to.dtype (x, dtype), to.device (x, device, dtype),
+    # to.other (x, other tensor), _to_copy / to.dtype_layout (dtype=...)
+    dtype = kwargs.get("dtype")
+    for a in args[1:]:
+        if dtype is None and isinstance(a, torch.dtype):
+            dtype = a
+        elif dtype is None and isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+            dtype = a.meta["val"].dtype
     return "call_method", "to", (args[0],) + ((dtype,) if dtype is not None else ()), {}
 
 
@@ -252,6 +259,7 @@ def _table() -> Dict[Any, Adapter]:
         aten._to_copy: _to, aten.to: _to,
         aten.upsample_nearest2d: _interpolate("nearest", False),
         aten.upsample_bilinear2d: _interpolate("bilinear", True),
+        aten.upsample_bicubic2d: _interpolate("bicubic", True),
     }
     for name, fn in (("relu", torch.relu), ("silu", F.silu), ("sigmoid", torch.sigmoid),
                      ("tanh", torch.tanh), ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid),

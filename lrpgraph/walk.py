@@ -104,6 +104,9 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             continue
         scratch.step()
         ctx = _context(plan, rec, node, rule, report, scratch)
+        if isinstance(r, Tensor) and isinstance(ctx.output, Tensor) and ctx.output.is_floating_point() \
+                and r.dtype != ctx.output.dtype:  # a cast in the model (q.float()): the rule works in its dtype
+            r = r.to(ctx.output.dtype)
         # hand the relevance over when nothing else refers to it (not the report, not `keep`, not
         # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it
         ctx.owns_relevance = (not report and isinstance(r, Tensor) and r._base is None
