@@ -206,3 +206,25 @@ def test_export_keeps_dtype_of_cast_to_tensor():
     x = torch.randn(2, 6, 4, dtype=DT)
     e = lrpgraph.Explainer(m, tracer="export")(x)
     _same(e.relevance, lrpgraph.Explainer(m, tracer="fx")(x).relevance)
+
+
+class Float32Branch(nn.Module):
+    """A residual branch computed in float32 inside a float64 model (abslrp-renorm's shortcut term
+    takes the transposed Jacobian through it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        q = y.float()
+        att = q.unsqueeze(-1) @ q.relu().unsqueeze(-2)  # a product of float32 activations
+        return self.b(y + att.mean(-1).to(x.dtype))
+
+
+@pytest.mark.parametrize("rules", PRESETS)
+def test_float32_residual_branch(rules):
+    torch.manual_seed(0)
+    e = lrpgraph.Explainer(Float32Branch().double().eval(), rules=rules)(torch.randn(2, 6, dtype=DT))
+    assert e.relevance.dtype == DT and bool(torch.isfinite(e.relevance).all())
