@@ -6,6 +6,7 @@ registration (:func:`register_rule`) and presets (:class:`Composite`, :func:`get
 from . import memory  # noqa: F401  (retain_freed_memory)
 from . import presets as _presets  # noqa: F401  (registers the built-in presets)
 from . import attention as _attention  # noqa: F401  (registers the SDPA-to-explicit-attention pass)
+from . import stacks as _stacks  # noqa: F401  (registers the stack-then-reduce pass)
 from .rules import transformer as _transformer_rules  # noqa: F401  (registers the transformer rules)
 from .rules import activations, arithmetic, normalization, pooling, routing  # noqa: F401,E401  (op families)
 from .checks import NonFiniteError

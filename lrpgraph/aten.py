@@ -178,7 +178,14 @@ def _einsum(args, kwargs, rank):
 
 
 def _to(args, kwargs, rank):
-    dtype = kwargs.get("dtype", args[1] if len(args) > 1 and isinstance(args[1], torch.dtype) else None)
+    # the dtype wherever the overload puts it: to.dtype (x, dtype), to.device (x, device, dtype),
+    # to.other (x, other tensor), _to_copy / to.dtype_layout (dtype=...)
+    dtype = kwargs.get("dtype")
+    for a in args[1:]:
+        if dtype is None and isinstance(a, torch.dtype):
+            dtype = a
+        elif dtype is None and isinstance(a, fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+            dtype = a.meta["val"].dtype
     return "call_method", "to", (args[0],) + ((dtype,) if dtype is not None else ()), {}
 
 
@@ -257,6 +264,7 @@ def _table() -> Dict[Any, Adapter]:
         aten.col2im: _fn(F.fold), aten.im2col: _fn(F.unfold),  # same argument order as F.fold / F.unfold
         aten.pow: _fn(operator.pow), aten.rsqrt: _fn(torch.rsqrt), aten.sqrt: _fn(torch.sqrt),
         aten.reciprocal: _fn(torch.reciprocal),
+        aten.upsample_bicubic2d: _interpolate("bicubic", True),
     }
     for name, fn in (("relu", torch.relu), ("silu", F.silu), ("sigmoid", torch.sigmoid),
                      ("tanh", torch.tanh), ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid),

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import aten as A
+from .hop import WrapperError, inline_wrappers
 from .passes import normalise
 from .trace import TRACE_LOCK, LRPTraceError
 
@@ -67,6 +68,10 @@ def export_graph(model: nn.Module, inputs: List[Any], has_rule: Callable[[nn.Mod
     except Exception as exc:
         raise ExportTraceError(f"torch.export failed: {type(exc).__name__}: {_short(exc)}") from exc
     src = ep.module()
+    try:
+        inline_wrappers(src)  # context-manager regions (autocast off, grad mode): their ops in line
+    except WrapperError as exc:
+        raise ExportTraceError(str(exc)) from exc
     written = _written_state(src)
     if written:
         raise ExportTraceError(f"the model's forward writes to {', '.join(written)}; lrpgraph never "

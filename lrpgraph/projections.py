@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .passes import register_pass
+from .record import _fetch_attr
 
 _RESHAPE = ("reshape", "view", torch.reshape)
 _PERMUTE = ("permute", torch.permute)
@@ -35,8 +36,9 @@ def _out_features(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
         return m.out_features if isinstance(m, nn.Linear) else None
     if node.op == "call_function" and node.target is F.linear:
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if isinstance(w, fx.Node) and w.op == "get_attr":
-            return int(gm.get_parameter(w.target).shape[0])
+        if isinstance(w, fx.Node) and w.op == "get_attr":  # a Parameter, a buffer or a plain tensor
+            value = _fetch_attr(gm, w.target)
+            return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.dim() == 2 else None
     return None
 
 

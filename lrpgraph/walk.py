@@ -106,6 +106,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             continue
         scratch.step()
         ctx = _context(plan, rec, node, rule, report, scratch)
+        r = _in_node_dtype(r, ctx)
         # hand the relevance over when nothing else refers to it (not the report, not `keep`, not
         # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it
         ctx.owns_relevance = (not report and isinstance(r, Tensor) and r._base is None
@@ -165,6 +166,15 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         out = raw = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
     inputs = [rel.pop(p, None) for p in plan.placeholders]
     return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept, "edges": edges}
+
+
+def _in_node_dtype(r: Any, ctx: NodeContext) -> Any:
+    """``r`` in the dtype of the node's output: after a cast in the model (LiteMLA's ``q.float()``
+    in a float64 model) each rule works in the dtype of the values it combines with ``r``."""
+    out = ctx.output
+    if isinstance(r, Tensor) and isinstance(out, Tensor) and out.is_floating_point() and r.dtype != out.dtype:
+        return r.to(out.dtype)
+    return r
 
 
 def _plain(axis: Any) -> Optional[int]:

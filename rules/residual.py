@@ -76,7 +76,7 @@ def _find_branch(plan, node: fx.Node):
 
 def branch_vjp(ctx: NodeContext, branch: List[fx.Node], a: fx.Node, b: fx.Node, u: Tensor) -> Optional[Tensor]:
     """``J^T u``: the cotangent at ``b`` of cotangent ``u`` at ``a`` through ``branch``."""
-    from lrpgraph.walk import _add, _context, _fit  # the walker's helpers (imported late: no cycle)
+    from lrpgraph.walk import _add, _context, _fit, _in_node_dtype  # the walker's helpers (imported late: no cycle)
     plan, rec = ctx.plan, ctx.rec
     members = set(branch) | {b}
     cot: Dict[fx.Node, object] = {a: u}
@@ -86,7 +86,7 @@ def branch_vjp(ctx: NodeContext, branch: List[fx.Node], a: fx.Node, b: fx.Node, 
             continue
         rule = plan.rules.get(n)
         c = _context(plan, rec, n, rule, report=False)
-        outs = vjp(c, rule, g, ctx)
+        outs = vjp(c, rule, _in_node_dtype(g, c), ctx)
         for i, (s, o) in enumerate(zip(plan.slots[n], outs)):
             if o is None or s not in members:
                 continue
