@@ -235,12 +235,21 @@ SAMPLE_ROWS: "ContextVar[Optional[dict]]" = ContextVar("lrpgraph_sample_rows", d
 
 def _per_sample(s: Tensor) -> Tensor:
     """Per-row sums ``(K, R)`` -> each sample's total, repeated over its rows (see ``SAMPLE_ROWS``)."""
+    return per_sample_rows(s, 1) if s.dim() == 2 else s
+
+
+def per_sample_rows(s: Tensor, dim: int) -> Tensor:
+    """Sums with the rows (batch) axis at ``dim`` -> each sample's total, repeated over its rows
+    (see ``SAMPLE_ROWS``); ``s`` itself where the batch is not merged with windows or tokens."""
     rows = SAMPLE_ROWS.get()
-    m = rows.get(s.shape[1], 1) if rows and s.dim() == 2 else 1
+    r = s.shape[dim]
+    m = rows.get(r, 1) if rows else 1
     if m == 1:
         return s
-    k, r = s.shape
-    return s.reshape(k, r // m, m).sum(-1, keepdim=True).expand(k, r // m, m).reshape(k, r)
+    t = s.movedim(dim, -1)
+    shp = t.shape
+    t = t.reshape(*shp[:-1], r // m, m).sum(-1, keepdim=True).expand(*shp[:-1], r // m, m).reshape(shp)
+    return t.movedim(-1, dim)
 
 
 def sample_sum(t: Tensor) -> Tensor:

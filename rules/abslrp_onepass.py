@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Union
 import torch
 from torch import Tensor
 
-from lrpgraph.rule import NodeContext, _ratio, conserve_diagonal, expand_stats, temp
+from lrpgraph.rule import NodeContext, _ratio, conserve_diagonal, expand_stats, per_sample_rows, temp
 
 
 def _buffer(ctx: Optional[NodeContext], key: str, like: Tensor, shape) -> Tensor:
@@ -37,7 +37,8 @@ def joint_dots(rows: Tensor, cols: Tensor) -> Tensor:
     j = cols.shape[0]
     a = rows.reshape(i * k, b, -1).transpose(0, 1)  # (B, I*K, L)
     d = cols.reshape(j, b, -1).permute(1, 2, 0)  # (B, L, J)
-    return torch.bmm(a, d).reshape(b, i, k, j).permute(1, 3, 2, 0)
+    # per sample, also where the batch is merged with windows (see lrpgraph.rule.SAMPLE_ROWS)
+    return per_sample_rows(torch.bmm(a, d).reshape(b, i, k, j).permute(1, 3, 2, 0), 3)
 
 
 def block_dots(rows: Tensor, cols: Tensor, blocks: int) -> Tensor:
@@ -52,7 +53,7 @@ def block_dots(rows: Tensor, cols: Tensor, blocks: int) -> Tensor:
     a = rows.as_strided((b * m * blocks, i * k, size), (size, per, 1), rows.storage_offset())
     d = cols.as_strided((b * m * blocks, size, j), (size, 1, per), cols.storage_offset())
     out = torch.bmm(a, d).reshape(b, m, blocks, i, k, j).sum(1)  # (B, blocks, I, K, J)
-    return out.permute(2, 4, 3, 0, 1)
+    return per_sample_rows(out.permute(2, 4, 3, 0, 1), 3)
 
 
 def one_pass_streams(rule, ctx: NodeContext, relevance: Tensor):
