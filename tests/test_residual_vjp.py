@@ -143,3 +143,10 @@ def test_op_without_rule_in_branch_is_named():
     with pytest.raises(RuleError, match=r"LSTM.*no rule in this preset"):
         lrpgraph.Explainer(Seq().eval(), rules="abslrp-renorm")(torch.randn(TOKENS, dtype=DT),
                                                                 output_relevance=torch.randn((1,) + TOKENS, dtype=DT))
+
+
+@pytest.mark.parametrize("name, n_branches", [("swiftformer_xs", 28), ("shvit_s1", 39)])
+def test_branch_vjp_matches_autograd_timm(timm, name, n_branches):
+    """Real branches: F.normalize in SwiftFormer's additive attention, GroupNorm in SHViT."""
+    m = timm.create_model(name, pretrained=False).eval().to(DT)
+    _check_branches(m, torch.randn(1, 3, 64, 64, dtype=DT, generator=torch.Generator().manual_seed(0)), n_branches)
