@@ -31,7 +31,7 @@ from .abslrp import AbsAdd, AbsAffine, AbsElementwise, AbsMaxPool, AbsScale, _bi
 from .affine import affine_of
 from .attention import AbsMul, AbsProduct, AbsSoftmax, MATMULS, _activations, _parse_einsum, _product, _promote
 from .layernorm import AbsLayerNorm, _stats, layer_norm_params
-from .residual_vjp import formula
+from .residual_vjp import formula, formula_by_op
 from .structural import Structural
 from .transformer import ToFirst
 
@@ -116,11 +116,11 @@ def _vjp(c: NodeContext, rule, g, at: NodeContext) -> list:
     inner = getattr(rule, "inner", None)
     if isinstance(inner, Structural):  # identity-like absLRP around an exact routing rule
         rule = inner
-    if isinstance(rule, Structural):
-        return list(rule(c, g))  # the exact routing is the transposed data movement
-    more = formula(c, rule)  # sub, GroupNorm, normalize, ... (rules/residual_vjp.py)
+    more = formula(c, rule)  # a rule's own vjp; sub, GroupNorm, normalize, ... (rules/residual_vjp.py)
     if more is not None:
         return more(c, rule, g)
+    if isinstance(rule, Structural):
+        return list(rule(c, g))  # the exact routing is the transposed data movement
     if c.target is scale_query:
         scale = c.args[1] if len(c.args) > 1 else None
         out[0] = g * (scale if scale is not None else 1.0 / math.sqrt(c.input_shapes[0][-1]))
@@ -160,6 +160,9 @@ def _vjp(c: NodeContext, rule, g, at: NodeContext) -> list:
     if isinstance(rule, AbsMaxPool):
         out[0] = scatter_max(c.inputs[0], g, maxpool_config(c))
         return out
+    more = formula_by_op(c)  # powers, fold, transposed convolutions
+    if more is not None:
+        return more(c, rule, g)
     if rule is None:
         raise NotImplementedError(
             f"{c.describe()} lies in the branch of the residual addition {at.describe()} and has no rule "

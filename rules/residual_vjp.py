@@ -14,8 +14,9 @@ rule holds constant:
 * everything else is differentiated in full: ``a - b``, ``addcmul``, the L2 norm (``x / ||x||``),
   a max reduction (to the first maximum of each group, as the rule routes it), powers.
 
-:func:`formula` returns the formula for a node (by its rule, or for the ops above by its target),
-or ``None``. Each formula takes ``(ctx, rule, g)`` with ``g`` shaped ``(K, *output)`` and returns one
+:func:`formula` returns the formula for a node's rule, :func:`formula_by_op` the one for its op
+where no formula knows the rule (a transposed convolution under an affine rule takes the affine
+transpose instead). Each formula takes ``(ctx, rule, g)`` with ``g`` shaped ``(K, *output)`` and returns one
 cotangent per input slot (``None`` for constants). ``docs/abslrp.md`` lists the decisions; the tests
 check every formula against autograd in float64.
 """
@@ -123,7 +124,7 @@ BY_RULE = {AbsSub: _sub, AbsAddcmul: _addcmul, AbsGroupNorm: _group_norm, AbsNor
 def _pow(ctx: NodeContext, rule, g: Tensor) -> list:
     """``x ** p`` with a constant number ``p``: ``g p x^(p-1)``."""
     a, kw = list(ctx.args) + [None], ctx.kwargs
-    p = kw.get("exponent", a[1])
+    p = 2 if ctx.target in (torch.square, "square") else kw.get("exponent", a[1])
     if ctx.is_parameter[0] or isinstance(p, Tensor) or not isinstance(p, (int, float)):
         raise NotImplementedError(f"{ctx.describe()}: only a power of an activation with a constant number "
                                   "as exponent has a transposed-Jacobian formula")
@@ -166,24 +167,29 @@ def _conv_transpose(ctx: NodeContext, rule, g: Tensor) -> list:
     return _one(ctx, out.reshape((g.shape[0],) + tuple(ctx.input_shapes[0])))
 
 
-BY_OP = {operator.pow: _pow, torch.pow: _pow, "pow": _pow, F.fold: _fold, nn.Fold: _fold,
+BY_OP = {operator.pow: _pow, torch.pow: _pow, "pow": _pow, torch.square: _pow, "square": _pow,
+         F.fold: _fold, nn.Fold: _fold,
          F.conv_transpose1d: _conv_transpose, F.conv_transpose2d: _conv_transpose,
          F.conv_transpose3d: _conv_transpose, **{t: _conv_transpose for t in _CONV_T}}
 
 
 def formula(ctx: NodeContext, rule) -> Optional[Formula]:
-    """The VJP formula of this module for a node, or ``None``: a rule's own ``vjp`` method first,
-    then the op (powers, fold, transposed convolutions), then the rule's class."""
+    """The VJP formula of a node by its rule: the rule's own ``vjp(ctx, g)`` method if it has one,
+    else the formula of this module for its class; ``None`` if neither."""
     own = getattr(rule, "vjp", None)
     if callable(own):
         return lambda c, r, g: own(c, g)
-    key = type(ctx.module) if ctx.module is not None else ctx.target
-    try:
-        if key in BY_OP:
-            return BY_OP[key]
-    except TypeError:  # an unhashable target
-        pass
     for cls, fn in BY_RULE.items():
         if isinstance(rule, cls):
             return fn
     return None
+
+
+def formula_by_op(ctx: NodeContext) -> Optional[Formula]:
+    """The VJP formula of a node by its op (powers, fold, transposed convolutions), for a rule
+    that no formula knows; ``None`` for other ops."""
+    key = type(ctx.module) if ctx.module is not None else ctx.target
+    try:
+        return BY_OP.get(key)
+    except TypeError:  # an unhashable target
+        return None

@@ -70,7 +70,7 @@ TOKEN_BRANCHES = {
     "amax": lambda m, x: m.l1(x).amax(-1, keepdim=True),
     "max-dim": lambda m, x: torch.max(m.l1(x), dim=1, keepdim=True)[0],
     "l2-norm": lambda m, x: m.l1(x).norm(dim=-1, keepdim=True),
-    "pow": lambda m, x: m.l1(x) ** 2 + torch.pow(m.l2(x), 3) + (m.l1(x) ** 2 + 1).pow(-0.5),
+    "pow": lambda m, x: m.l1(x) ** 2 + torch.pow(m.l2(x), 3) + (torch.square(m.l1(x)) + 1).pow(-0.5),
     "masked-mean": lambda m, x: masked_mean(m.l1(x), m.mask).unsqueeze(1),
     # pure data movement (the structural rules route it: their transposed data movement)
     "permute": lambda m, x: m.l5(x.permute(0, 2, 1).contiguous()).permute(0, 2, 1),
