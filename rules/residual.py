@@ -12,8 +12,8 @@ each then renormalised to unit mass. ``J`` is the Jacobian of ``a`` with respect
 branch as the model computes it, with LayerNorm statistics and the softmax maximum and denominator
 held constant (the current code detaches them). :func:`branch_vjp` computes ``J^T u`` as explicit
 tensor maths: it walks the branch's nodes in reverse with one transposed-Jacobian (VJP) formula per
-op kind, chosen by the node's rule in the preset. No autograd is used; the tests check the result
-against autograd.
+op kind, chosen by the node's rule in the preset (the formulas beyond the core ops are in
+:mod:`lrpgraph.rules.residual_vjp`). No autograd is used; the tests check the result against autograd.
 """
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def _vjp(c: NodeContext, rule, g, at: NodeContext) -> list:
     if rule is None:
         raise NotImplementedError(
             f"{c.describe()} lies in the branch of the residual addition {at.describe()} and has no rule "
-            f"in this preset, so no transposed-Jacobian formula either; abslrp-renorm needs one there "
+            "in this preset, so no transposed-Jacobian formula either; abslrp-renorm needs one there "
             "(the authors' current code differentiates through the branch). Register a rule for the op "
             "and add its formula to rules/residual_vjp.py, or use preset 'abslrp'")
     raise NotImplementedError(
