@@ -12,8 +12,8 @@ each then renormalised to unit mass. ``J`` is the Jacobian of ``a`` with respect
 branch as the model computes it, with LayerNorm statistics and the softmax maximum and denominator
 held constant (the current code detaches them). :func:`branch_vjp` computes ``J^T u`` as explicit
 tensor maths: it walks the branch's nodes in reverse with one transposed-Jacobian (VJP) formula per
-op kind, chosen by the node's rule in the preset. No autograd is used; the tests check the result
-against autograd.
+op kind, chosen by the node's rule in the preset (the formulas beyond the core ops are in
+:mod:`lrpgraph.rules.residual_vjp`). No autograd is used; the tests check the result against autograd.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from .abslrp import AbsAdd, AbsAffine, AbsElementwise, AbsMaxPool, AbsScale, _bi
 from .affine import affine_of
 from .attention import AbsMul, AbsProduct, AbsSoftmax, MATMULS, _activations, _parse_einsum, _product, _promote
 from .layernorm import AbsLayerNorm, _stats, layer_norm_params
+from .residual_vjp import formula, formula_by_op
 from .structural import Structural
 from .transformer import ToFirst
 
@@ -53,13 +54,14 @@ def shortcut_branch(ctx: NodeContext) -> Optional[Tuple[int, int, List[fx.Node]]
 def _find_branch(plan, node: fx.Node):
     slots = plan.slots[node]
     pos = {n: i for i, n in enumerate(plan.nodes)}
+    live = plan.live or set(plan.nodes)  # a constant (or a shape query) has no Jacobian: skip it
     for ia, a in enumerate(slots):
         for ib, b in enumerate(slots):
             if a is b or pos[b] >= pos[a]:
                 continue
             down = {b}  # descendants of b up to a
             for n in plan.nodes[pos[b] + 1:pos[a] + 1]:
-                if any(s in down for s in n.all_input_nodes):
+                if n in live and any(s in down for s in n.all_input_nodes):
                     down.add(n)
             if a not in down:
                 continue
@@ -114,6 +116,9 @@ def _vjp(c: NodeContext, rule, g, at: NodeContext) -> list:
     inner = getattr(rule, "inner", None)
     if isinstance(inner, Structural):  # identity-like absLRP around an exact routing rule
         rule = inner
+    more = formula(c, rule)  # a rule's own vjp; sub, GroupNorm, normalize, ... (rules/residual_vjp.py)
+    if more is not None:
+        return more(c, rule, g)
     if isinstance(rule, Structural):
         return list(rule(c, g))  # the exact routing is the transposed data movement
     if c.target is scale_query:
@@ -155,11 +160,20 @@ def _vjp(c: NodeContext, rule, g, at: NodeContext) -> list:
     if isinstance(rule, AbsMaxPool):
         out[0] = scatter_max(c.inputs[0], g, maxpool_config(c))
         return out
+    more = formula_by_op(c)  # powers, fold, transposed convolutions
+    if more is not None:
+        return more(c, rule, g)
+    if rule is None:
+        raise NotImplementedError(
+            f"{c.describe()} lies in the branch of the residual addition {at.describe()} and has no rule "
+            "in this preset, so no transposed-Jacobian formula either; abslrp-renorm needs one there "
+            "(the authors' current code differentiates through the branch). Register a rule for the op "
+            "and add its formula to rules/residual_vjp.py, or use preset 'abslrp'")
     raise NotImplementedError(
         f"{c.describe()} lies in the branch of the residual addition {at.describe()}, and its rule "
         f"{getattr(rule, 'name', rule)!r} has no transposed-Jacobian formula; abslrp-renorm needs one "
         "there (the authors' current code differentiates through the branch). Use preset 'abslrp', "
-        "or add the op to rules/residual.py:vjp")
+        "or add the op to rules/residual_vjp.py")
 
 
 def _product_vjp(c: NodeContext, g: Tensor) -> list:

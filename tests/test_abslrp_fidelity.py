@@ -62,6 +62,12 @@ def _autograd_vjp(gm, vals, branch, a, b, u):
             mu = x.mean(-1, keepdim=True).detach()
             var = x.var(-1, keepdim=True, unbiased=False).detach()
             env[n] = (x - mu) / torch.sqrt(var + eps) * w + bias
+        elif n.target is F.group_norm or isinstance(mod, nn.GroupNorm):
+            env[n] = _group_norm_detached(args, kwargs, mod)
+        elif n.target is F.normalize:  # the norm constant
+            p = list(args) + [None] * 4
+            pn, dim, eps = [kwargs.get(k, d if v is None else v) for k, v, d in zip(("p", "dim", "eps"), p[1:4], (2.0, 1, 1e-12))]
+            env[n] = args[0] / args[0].norm(p=pn, dim=dim, keepdim=True).clamp(min=eps).detach()
         elif n.target in SOFTMAXES:
             x = args[0]
             e = torch.exp(x - x.amax(-1, keepdim=True).detach())
@@ -73,6 +79,22 @@ def _autograd_vjp(gm, vals, branch, a, b, u):
         else:
             env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
     return torch.stack([torch.autograd.grad(env[a], leaf, u[k], retain_graph=True)[0] for k in range(u.shape[0])])
+
+
+def _group_norm_detached(args, kwargs, mod):
+    """GroupNorm with the per-group mean and variance detached (as LayerNorm's)."""
+    x = args[0]
+    p = list(args) + [None] * 5
+    groups, w, b, eps = ((mod.num_groups, mod.weight, mod.bias, mod.eps) if mod is not None else
+                         (kwargs.get("num_groups", p[1]), kwargs.get("weight", p[2]), kwargs.get("bias", p[3]),
+                          kwargs.get("eps", p[4] or 1e-5)))
+    g = x.reshape(x.shape[0], groups, -1)
+    mu = g.mean(-1, keepdim=True).detach()
+    var = g.var(-1, keepdim=True, unbiased=False).detach()
+    h = ((g - mu) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    h = h if w is None else h * w.reshape(shape)
+    return h if b is None else h + b.reshape(shape)
 
 
 def _check_branches(model, x, n_expected):
