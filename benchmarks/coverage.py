@@ -2,7 +2,7 @@
 
 For every family (a module of ``timm.models``) the smallest variant by parameter count is built
 with random weights in float64 and explained at batch 2, 64x64 where the model accepts it (else its
-default input size; twice the size is tried first). Each model runs in its own process with a
+default input size; twice the size, 56 and 112 are tried first). Each model runs in its own process with a
 time limit. Recorded per preset:
 traced (by ``torch.fx``, or by the Explainer's fallback tracer where one exists), explained
 (finite relevance, no error), and for ``abslrp`` conserved (every node within 1e-5 relative on the
@@ -126,8 +126,9 @@ def wake(model) -> int:
 def _build(name: str, size: int):
     import torch
     timm = _timm()
-    # the requested size, then twice it (Inception needs 75 px), before the model's default size
-    tries = [({"img_size": size}, size), ({}, size), ({"img_size": 2 * size}, 2 * size), ({}, 2 * size)]
+    # the requested size, then twice it (Inception needs 75 px), then sizes that patch sizes of 7 and
+    # 14 divide (56, 112), before the model's default size (which can be large: 546 px)
+    tries = [(kw, s) for s in (size, 2 * size, 56, 112) for kw in ({"img_size": s}, {})]
     last = None
     for kwargs, s in tries:
         try:
@@ -298,7 +299,7 @@ def write(rows: List[dict], out: str, command: str) -> None:
           "One representative (the smallest variant by parameter count) of each timm 1.0.31 model "
           "family, random weights (timm's initialisation, except that weights it sets to all zeros, such as "
           "some classifier heads and the last norm of residual branches, get small random values: a zero "
-          "weight would pass no relevance and hide what lies behind it), float64, batch 2, 64x64 where the model accepts it (else 128x128, "
+          "weight would pass no relevance and hide what lies behind it), float64, batch 2, 64x64 where the model accepts it (else 128x128, 56x56 or 112x112, "
           "else its default size); each model in its own process. *Conserved*: every node of the `abslrp` "
           "report within 1e-5 relative error on the signed total and on the positive and negative "
           "masses (rows that absorb relevance by design excluded). *worst*: the largest relative "

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from coverage import PRESETS, TOL, _short_error, explain_row  # noqa: E402
+from coverage import PRESETS, TOL, _cell, _failure, _short_error, explain_row  # noqa: E402
 
 #: one small config per architecture: 2 layers, width 64, 4 heads (MiniLM: its real shape)
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -114,26 +114,6 @@ def _child(key: str, presets, timeout: float) -> dict:
             return json.loads(line)
     tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
     return {"model": key, "class": MODELS[key][0], "error": f"process exited {p.returncode}: {tail[:300]}"}
-
-
-def _cell(r: dict, p: str) -> str:
-    c = r.get(p)
-    if not c:
-        return "-"
-    if not c.get("explained"):
-        return "error"
-    return ("yes" if c.get("conserved") else "leak") if p == "abslrp" else "yes"
-
-
-def _failure(r: dict) -> str:
-    if r.get("error"):
-        return r["error"]
-    for p in PRESETS:
-        c = r.get(p) or {}
-        if c.get("error"):
-            return f"{p}: {c['error']}"
-    c = r.get("abslrp") or {}
-    return f"abslrp leak at {c['leak']}" if c.get("leak") else ""
 
 
 def write(rows: List[dict], out: str, command: str) -> None:

@@ -83,7 +83,8 @@ TOKEN_BRANCHES = {
     "split": lambda m, x: _split(m.l1(x)),
     "expand": lambda m, x: m.l1(x).mean(1, keepdim=True).expand(-1, 5, -1),
     "repeat-index": lambda m, x: m.l1(x)[:, :1].repeat(1, 5, 1) * m.l2(x)[:, torch.tensor([0, 0, 2, 1, 4])],
-    "unsqueeze-squeeze-stack": lambda m, x: torch.stack([m.l1(x), x], 2).sum(2).unsqueeze(1).squeeze(1),
+    # (a sum over the stacked dim would be rewritten into additions: lrpgraph/stacks.py)
+    "unsqueeze-squeeze-stack": lambda m, x: torch.stack([m.l1(x), x], 2).amax(2).unsqueeze(1).squeeze(1),
 }
 
 IMAGE_BRANCHES = {
