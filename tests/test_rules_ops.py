@@ -16,7 +16,8 @@ import lrpgraph
 from lrpgraph.rules import abslrp as A
 from lrpgraph.rules import activations as ACT
 from lrpgraph.rules import classic as C
-from lrpgraph.rules.normalization import AbsBatchNormF, AbsGroupNorm
+from lrpgraph.rules.normalization import AbsBatchNormF, AbsGroupNorm, AbsRmsNorm
+from lrpgraph.rules.structural import PassThrough
 from lrpgraph.rules.pooling import AbsMaxReduce, MaxReduceWinner
 from lrpgraph.rules.routing import IndexRoute
 from lrpgraph.rules.arithmetic import AbsSub, SubEpsilon
@@ -280,6 +281,54 @@ def test_abs_group_norm(functional: bool, variant: str) -> None:
                 coef[b, 2 * grp:2 * grp + 2] = (xs * (gg + gg.abs() * torch.sign(xs - mu)) / sd).abs()
             else:
                 coef[b, 2 * grp:2 * grp + 2] = xs * gg / sd + xs.abs() * gg.abs() / sda
+    check_abs(out, [torch.diag_embed(coef.reshape(B, -1))], h.reshape(B, -1), R, variant, [0])
+
+
+# --------------------------------------------------------------------------------------------
+# RMS norm
+
+
+class FRmsNorm(nn.Module):
+    """``F.rms_norm`` over the last two dims with the dtype's eps (``eps=None``), no weight."""
+
+    def forward(self, t):
+        return F.rms_norm(t, (3, 4))
+
+
+@pytest.mark.parametrize("variant", ["head", "paper", "classic"])
+@pytest.mark.parametrize("functional", [False, True])
+def test_rms_norm(functional: bool, variant: str) -> None:
+    """Literal per-row loops: ``paper`` ``x (g + |g| sign(x)) / s`` (LayerNorm's with ``mu = 0``),
+    ``head`` ``x g / s + |x| |g| / s_abs`` (statistics recomputed on ``|x|``); classic: identity."""
+    m = FRmsNorm() if functional else nn.RMSNorm(4, eps=1e-3).to(DT)
+    if not functional:
+        with torch.no_grad():
+            m.weight.normal_()
+    x = torch.randn(B, 2, 3, 4, dtype=DT)
+    c = node_of(m, x, lambda c: isinstance(c.rule, (AbsRmsNorm, PassThrough)),
+                "lrp-epsilon" if variant == "classic" else "abslrp")
+    h = c.ctx.output
+    R = rel_like(h)
+    if variant == "classic":
+        assert isinstance(c.rule, PassThrough)
+        close(c.rule(c.ctx, R)[0], R)
+        return
+    assert isinstance(c.rule, AbsRmsNorm)
+    out = AbsRmsNorm(variant)(c.ctx, R)
+    coef = torch.zeros_like(x)
+    for b in range(B):
+        for i in range(2):
+            rows = [(i, j) for j in range(3)] if not functional else [(i, slice(None))]
+            for row in rows:
+                xs = x[b][row]
+                g = torch.ones_like(xs) if functional else m.weight.detach()
+                eps = torch.finfo(DT).eps if functional else 1e-3
+                sd = ((xs * xs).mean() + eps).sqrt()
+                sda = ((xs.abs() * xs.abs()).mean() + eps).sqrt()
+                if variant == "paper":
+                    coef[b][row] = xs * (g + g.abs() * torch.sign(xs)) / sd
+                else:
+                    coef[b][row] = xs * g / sd + xs.abs() * g.abs() / sda
     check_abs(out, [torch.diag_embed(coef.reshape(B, -1))], h.reshape(B, -1), R, variant, [0])
 
 
