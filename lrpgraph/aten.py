@@ -239,6 +239,8 @@ def _table() -> Dict[Any, Adapter]:
         aten.gelu: _gelu, aten.gelu_: _gelu,
         aten.leaky_relu: _fn(F.leaky_relu), aten.leaky_relu_: _fn(F.leaky_relu),
         aten.hardtanh: _fn(F.hardtanh), aten.hardtanh_: _fn(F.hardtanh),
+        aten.clamp: _fn(torch.clamp, (), ("min", "max")), aten.clamp_min: _fn(torch.clamp_min),
+        aten.clamp_max: _fn(torch.clamp_max),
         # view as reshape: the strides may differ once attention is made explicit
         aten.view: _method("reshape"), aten._unsafe_view: _method("reshape"), aten.reshape: _method("reshape"),
         aten.permute: _method("permute"), aten.transpose: _method("transpose", 3), aten.t: _fn(torch.t),

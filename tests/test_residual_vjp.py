@@ -71,6 +71,7 @@ TOKEN_BRANCHES = {
     "rms-norm": lambda m, x: m.l1(m.rms(x)),
     "rms-norm-f": lambda m, x: F.rms_norm(m.l1(x), (8,), m.l2.bias, 1e-6),
     "rms-norm-f-2d-no-weight": lambda m, x: F.rms_norm(m.l1(x), [5, 8]),
+    "clamp": lambda m, x: torch.clamp(m.l1(x), -0.3, 0.4) + m.l2(x).clamp_min(-0.2) + m.l1(x).clamp(max=0.1),
     "amax": lambda m, x: m.l1(x).amax(-1, keepdim=True),
     "max-dim": lambda m, x: torch.max(m.l1(x), dim=1, keepdim=True)[0],
     "l2-norm": lambda m, x: m.l1(x).norm(dim=-1, keepdim=True),

@@ -173,6 +173,61 @@ def test_new_activations(name: str, variant: str) -> None:
     check_abs(out, [torch.diag_embed(g.reshape(B, -1))], h.reshape(B, -1), R, variant, [0])
 
 
+class Clip(nn.Module):
+    """A clamp by buffer bounds (timm's ``Gemma4ClippableLinear``), by numbers, or by one side."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.register_buffer("lo", torch.tensor([-1.0, -0.5, -2.0, -3.0], dtype=DT))
+        self.register_buffer("hi", torch.tensor(1.5, dtype=DT))
+
+    def forward(self, t):
+        if self.how == "buffers":
+            return torch.clamp(t, self.lo, self.hi)
+        if self.how == "numbers":
+            return t.clamp(min=-1.0, max=2.0)
+        return torch.clamp_min(t, -0.5)
+
+    def bounds(self):
+        return {"buffers": (self.lo, self.hi), "numbers": (-1.0, 2.0), "min": (-0.5, float("inf"))}[self.how]
+
+
+@pytest.mark.parametrize("variant", ["head", "paper", "classic"])
+@pytest.mark.parametrize("how", ["buffers", "numbers", "min"])
+def test_clamp_with_constant_bounds(how: str, variant: str) -> None:
+    m = Clip(how)
+    x = torch.randn(B, 3, 4, dtype=DT) * 2
+    c = node_of(m, x, lambda c: isinstance(c.rule, (ACT.AbsClamp, ACT.ClampPassThrough)),
+                "lrp-epsilon" if variant == "classic" else "abslrp")
+    h = c.ctx.output
+    R = rel_like(h)
+    if variant == "classic":
+        close(c.rule(c.ctx, R)[0], R)
+        return
+    out = ACT.AbsClamp(variant)(c.ctx, R)
+    lo, hi = (torch.as_tensor(b, dtype=DT).expand(4) for b in m.bounds())
+    f = lambda v, j: min(max(v, lo[j].item()), hi[j].item())  # noqa: E731
+    d = lambda v, j: 1.0 if lo[j].item() < v < hi[j].item() else 0.0  # noqa: E731
+    g = torch.zeros_like(x)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in x.shape)).tolist():
+        v, j = x[tuple(idx)].item(), idx[-1]
+        y = f(v, j)
+        assert h[tuple(idx)].item() == y
+        if variant == "head":
+            g[tuple(idx)] = v * d(v, j) + abs(v) * d(abs(v), j)
+        else:
+            g[tuple(idx)] = v * d(v, j) * (1 + (y > 0) - (y < 0))
+    check_abs(out, [torch.diag_embed(g.reshape(B, -1))], h.reshape(B, -1), R, variant, [0])
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "lrp-epsilon"])
+def test_clamp_by_an_activation_is_refused_by_name(preset: str) -> None:
+    m = nn.Sequential(nn.Linear(4, 4), Lambda(lambda t: torch.clamp(t, t.mean(-1, keepdim=True)))).to(DT).eval()
+    with pytest.raises(Exception, match="clamp whose bound is an activation"):
+        lrpgraph.explain(m, torch.randn(B, 4, dtype=DT), rules=preset)
+
+
 class Gate(nn.Module):
     """Squeeze-excitation: ``x * sigmoid(fc(mean(x)))``."""
 
