@@ -19,6 +19,7 @@ from lrpgraph.rules import classic as C
 from lrpgraph.rules.normalization import AbsBatchNormF, AbsGroupNorm, AbsRmsNorm
 from lrpgraph.rules.structural import PassThrough
 from lrpgraph.rules.pooling import AbsMaxReduce, MaxReduceWinner
+from lrpgraph.rule import Absorbed
 from lrpgraph.rules.routing import IndexRoute
 from lrpgraph.rules.arithmetic import AbsSub, SubEpsilon
 from test_rules_dense import (B, DT, EPS, K, Lambda, affine_G, autograd_derivative, capture, check_abs, close,
@@ -471,6 +472,56 @@ def test_routing_is_vjp(case: str) -> None:
         t = x.clone().requires_grad_(True)  # each stream is the VJP of that sign's relevance
         (ref_p,) = torch.autograd.grad(m(t), t, R[k].clamp(min=0))
         close(got[0][k], ref_p)
+
+
+@pytest.mark.parametrize("case", ["f.pad_value", "constantpad"])
+def test_constant_pad_hands_its_entries_to_the_constant(case: str) -> None:
+    """A pad with a non-zero value: the data entries are routed exactly, the relevance of the
+    entries it adds is handed to the constant (absorbed, as a parameter's share)."""
+    m = (Lambda(lambda t: F.pad(t, (1, 2, 0, 1), value=1.5)) if case == "f.pad_value"
+         else nn.ConstantPad2d((2, 0, 1, 1), -0.5))
+    x = torch.randn(B, 4, 4, 5, dtype=DT)
+    c = node_of(m, x, lambda c: isinstance(c.rule, IndexRoute), preset="lrp-0")
+    with torch.no_grad():
+        h = m(x)
+    R = rel_like(h)
+    out = c.rule(c.ctx, R)
+    assert len(out) == 2 and isinstance(out[1], Absorbed)
+    pad = (1, 2, 0, 1) if case == "f.pad_value" else (2, 0, 1, 1)
+    data = torch.zeros_like(h, dtype=torch.bool)
+    data[..., pad[2]:h.shape[-2] - pad[3], pad[0]:h.shape[-1] - pad[1]] = True
+    got = split_parts(out[0])
+    close(got[0] + got[1], R[..., pad[2]:h.shape[-2] - pad[3], pad[0]:h.shape[-1] - pad[1]])
+    close(out[1].relevance, torch.where(data, torch.zeros_like(R), R))
+
+
+class PadOnes(nn.Module):
+    """A row of ones padded onto an activation before a linear layer (LiteMLA pads ``v`` so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(5, 3)
+        with torch.no_grad():
+            self.l2.weight[:, 4] = torch.tensor([0.3, 0.5, -0.2])  # the constant column takes relevance
+
+    def forward(self, x):
+        return self.l2(F.pad(torch.relu(self.l1(x)), (0, 1), value=1.0))
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "abslrp-renorm", "lrp-epsilon"])
+def test_constant_pad_share_is_absorbed_by_design(preset: str) -> None:
+    """The pad's row conserves, the constant's share gets a by-design row ``<pad>.constant`` and
+    the named absorbed relevance; under ``abslrp`` nothing leaks."""
+    torch.manual_seed(1)
+    e = lrpgraph.Explainer(PadOnes().to(DT).eval(), rules=preset)(torch.randn(B, 4, dtype=DT))
+    rows = {r.name: r for r in e.conservation()}
+    assert rows["pad.constant"].by_design and "pad value 1" in rows["pad.constant"].note
+    assert rows["pad"].worst() < 1e-12
+    absorbed = e.absorbed["pad.constant"]
+    assert bool((absorbed[..., :4] == 0).all()) and bool((absorbed[..., 4] != 0).any())
+    close(rows["pad.constant"].in_sum, absorbed.sum(-1).to(rows["pad"].in_sum.dtype))
+    if preset == "abslrp":
+        assert e.conservation().max_rel_error() < 1e-12
 
 
 def test_routing_end_to_end_every_preset() -> None:
