@@ -93,7 +93,26 @@ def _group_stats(x: Tensor, groups: int, eps: float):
     return full(mu), full(sd)
 
 
-class AbsGroupNorm(AbsLRP):
+class _NormCoefficient(AbsLRP):
+    """An element-wise normalisation rule with contribution ``_coefficient(ctx) * S``."""
+
+    def _coefficient(self, ctx) -> Tensor:
+        raise NotImplementedError
+
+    def gains(self, ctx):
+        if self.variant != "paper":
+            return None
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = self._coefficient(ctx) / self.denominator(ctx)
+        return out
+
+    def contributions(self, ctx, s):
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = self._coefficient(ctx) * s
+        return out
+
+
+class AbsGroupNorm(_NormCoefficient):
     """absLRP GroupNorm (see the module doc); the parameters take no relevance."""
 
     kind = "abslrp.groupnorm"
@@ -108,18 +127,6 @@ class AbsGroupNorm(AbsLRP):
             return (x * (g + g.abs() * torch.sign(x - mu)) / sd).abs_()
         _, sd_abs = _group_stats(x.abs(), groups, eps)
         return x * g / sd + x.abs() * g.abs() / sd_abs
-
-    def gains(self, ctx):
-        if self.variant != "paper":
-            return None
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self._coefficient(ctx) / self.denominator(ctx)
-        return out
-
-    def contributions(self, ctx, s):
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self._coefficient(ctx) * s
-        return out
 
 
 def rms_norm_params(ctx: NodeContext):
@@ -140,7 +147,7 @@ def rms(x: Tensor, dims, eps: float) -> Tensor:
     return torch.sqrt(x.square().mean(dim=dims, keepdim=True) + eps)
 
 
-class AbsRmsNorm(AbsLRP):
+class AbsRmsNorm(_NormCoefficient):
     """absLRP RMS norm (see the module doc): contribution ``2 (x g)+ / s * S``, both variants; the
     weight takes no relevance."""
 
@@ -151,16 +158,6 @@ class AbsRmsNorm(AbsLRP):
         dims, w, eps = rms_norm_params(ctx)
         xg = x * w if w is not None else x
         return 2 * xg.clamp(min=0) / rms(x, dims, eps)
-
-    def gains(self, ctx):
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self._coefficient(ctx) / self.denominator(ctx)
-        return out
-
-    def contributions(self, ctx, s):
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self._coefficient(ctx) * s
-        return out
 
 
 BATCH_NORMS = (F.batch_norm,)
