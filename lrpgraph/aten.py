@@ -144,6 +144,11 @@ def _layer_norm(args, kwargs, rank):
     return "call_function", F.layer_norm, (x, shape, w, b, eps), {}
 
 
+def _rms_norm(args, kwargs, rank):  # aten.rms_norm(x, normalized_shape, weight=None, eps=None)
+    w, eps = _get(args, kwargs, 2, "weight"), _get(args, kwargs, 3, "eps")
+    return "call_function", F.rms_norm, (args[0], args[1], w, eps), {}
+
+
 def _embedding(args, kwargs, rank):  # aten.embedding(weight, ids, padding_idx=-1, ...)
     w, ids = args[0], args[1]
     pad = _get(args, kwargs, 2, "padding_idx", -1)
@@ -221,7 +226,7 @@ def _table() -> Dict[Any, Adapter]:
         aten.linear: _fn(F.linear), aten.conv1d: _fn(F.conv1d), aten.conv2d: _fn(F.conv2d),
         aten.conv3d: _fn(F.conv3d), aten.convolution: _convolution,
         aten.batch_norm: _batch_norm, aten._native_batch_norm_legit_no_training: _bn_no_training,
-        aten.layer_norm: _layer_norm, aten.embedding: _embedding,
+        aten.layer_norm: _layer_norm, aten.rms_norm: _rms_norm, aten.embedding: _embedding,
         aten.group_norm: _fn(F.group_norm, ("input", "num_groups", "weight", "bias", "eps")),
         aten.scaled_dot_product_attention: _sdpa,
         aten.matmul: _fn(torch.matmul), aten.mm: _fn(torch.matmul), aten.bmm: _fn(torch.bmm),
@@ -234,6 +239,8 @@ def _table() -> Dict[Any, Adapter]:
         aten.gelu: _gelu, aten.gelu_: _gelu,
         aten.leaky_relu: _fn(F.leaky_relu), aten.leaky_relu_: _fn(F.leaky_relu),
         aten.hardtanh: _fn(F.hardtanh), aten.hardtanh_: _fn(F.hardtanh),
+        aten.clamp: _fn(torch.clamp, (), ("min", "max")), aten.clamp_min: _fn(torch.clamp_min),
+        aten.clamp_max: _fn(torch.clamp_max),
         # view as reshape: the strides may differ once attention is made explicit
         aten.view: _method("reshape"), aten._unsafe_view: _method("reshape"), aten.reshape: _method("reshape"),
         aten.permute: _method("permute"), aten.transpose: _method("transpose", 3), aten.t: _fn(torch.t),

@@ -197,6 +197,16 @@ class FunctionRule(Rule):
         return self.fn(ctx, relevance)
 
 
+class Absorbed:
+    """Relevance that a rule hands to a constant inside its op (the entries a pad with a non-zero
+    value adds), returned after the per-slot entries: absorbed by design, as a parameter's share."""
+
+    __slots__ = ("relevance", "what")
+
+    def __init__(self, relevance: Tensor, what: str):
+        self.relevance, self.what = relevance, what
+
+
 class Split:
     """Relevance for one input slot kept as its positive and negative streams (``pos + neg``)."""
 

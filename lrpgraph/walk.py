@@ -15,8 +15,8 @@ from torch import Tensor, fx
 
 from .record import NoRuleError, Plan, Recording, no_rule_message
 from .report import NodeBalance, balance, relevance_stats, stats
-from .rule import (SAMPLE_ROWS, NodeContext, Relevance, Rule, Scratch, Split, describe_target, unit_l1,
-                   unbroadcast)
+from .rule import (SAMPLE_ROWS, Absorbed, NodeContext, Relevance, Rule, Scratch, Split, describe_target,
+                   unit_l1, unbroadcast)
 
 
 class RuleError(RuntimeError):
@@ -123,6 +123,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
                             f"{type(exc).__name__}: {exc}") from exc
         finally:
             SAMPLE_ROWS.reset(token)
+        extra = out.pop() if len(out) == len(slots) + 1 and isinstance(out[-1], Absorbed) else None
         if len(out) != len(slots):
             raise RuleError(f"rule {rule.name} at {ctx.describe()} returned {len(out)} relevance "
                             f"entries for {len(slots)} input slot(s)")
@@ -132,13 +133,19 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             # measured before its copies' relevance is summed: signs that cancel in that sum are
             # cancellation at the operand (its `cancel` column), not mass lost by this rule
             broad = [_broadcast(a, o, ctx) for a, o in zip(raw, out)]
+            sent_out = [a if b else o for a, o, b in zip(raw, out, broad)]
             rows.append(balance(node.name, describe_target(node.op, node.target, ctx.module),
-                                rule.name, r, [a if b else o for a, o, b in zip(raw, out, broad)], B,
+                                rule.name, r, sent_out + ([extra.relevance] if extra is not None else []), B,
                                 delivered_pos=delivered.pop(node, None),
                                 note="renormalised to unit mass after this row" if rule.renormalise else "",
                                 axis=axes.get(node), out_axes=[axes.get(node) if b else axes.get(s)
-                                                               for s, b in zip(slots, broad)],
+                                                               for s, b in zip(slots, broad)] + [axes.get(node)],
                                 delivered=fan.pop(node, None), value=ctx.output))
+        if extra is not None:  # a constant inside the op: its own by-design row, after the node's
+            absorbed[f"{node.name}.constant"] = extra.relevance
+            if report:
+                rows.append(balance(f"{node.name}.constant", "constant", "absorbed", extra.relevance, None, B,
+                                    note=f"absorbed by {extra.what}", axis=axes.get(node)))
         for j, (s, o) in enumerate(zip(slots, out)):
             if o is None:
                 continue

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from lrpgraph import projections as _projections  # noqa: F401  (registers the pass)
 from lrpgraph.registry import RuleTable
-from lrpgraph.rule import NodeContext, Split, _ratio, expand_stats, sample_dot, sample_sum, temp
+from lrpgraph.rule import Absorbed, NodeContext, Split, _ratio, expand_stats, sample_dot, sample_sum, temp
 
 from .abslrp import AbsLRP
 from .abslrp_onepass import block_dots, one_pass_streams
@@ -88,13 +88,15 @@ class AbsRouting(AbsLRP):
             # conserved each sign's mass): the rule would change nothing (it is idempotent)
             return self.inner(ctx, relevance)
         routed = list(self.inner(ctx, relevance))  # Split where copies were summed (expand)
+        # a pad's constant entries: their share stays with the constant (absorbed), as a parameter's
+        extra = [routed.pop()] if routed and isinstance(routed[-1], Absorbed) else []
         if self.variant == "paper" and not ctx.report:
             fast = _one_slot_fast(ctx, routed)
             if fast is not None:
-                return fast
+                return list(fast) + extra
         gains = [None if r is None or c or not isinstance(x, Tensor) else _gain(x)
                  for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
-        return self._weigh(gains, routed)
+        return self._weigh(gains, routed) + extra
 
     def _piece_on_positive(self, ctx: NodeContext, i: int) -> bool:
         """Fast path, paper: whether piece ``i``'s relevance already lies on its positive entries

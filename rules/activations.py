@@ -1,6 +1,7 @@
 """Element-wise activations beyond those of :mod:`lrpgraph.rules.abslrp`: ReLU6, Hardtanh,
 Hardsigmoid, Hardswish, Mish, negation, powers with a constant exponent (``x ** p``, ``x.pow(p)``,
-``torch.square``; StarReLU's ``relu(x) ** 2``).
+``torch.square``; StarReLU's ``relu(x) ** 2``), clamps with constant bounds (numbers, or buffers
+such as the clip bounds of timm's ``Gemma4ClippableLinear``; ``f'`` is 1 strictly between them).
 
 Each is an :class:`~lrpgraph.rules.abslrp.AbsElementwise` with its explicit derivative, so absLRP
 applies the absolute twin of the method to it (``paper``: ``|f(x)|``, ``head``: ``f(|x|)``); the
@@ -162,6 +163,57 @@ class PowPassThrough(PassThrough):
 POWS = (operator.pow, torch.pow, "pow", torch.square, "square")
 
 
+def clamp_function(ctx):
+    """(f, f') of a clamp node with its bounds bound; a bound that is an activation (``clamp(x, y)``,
+    a product-like op of two inputs) is refused by name."""
+    if any(not c for c in ctx.is_parameter[1:]):
+        raise NotImplementedError(f"{ctx.describe()}: a clamp whose bound is an activation has no rule; "
+                                  "only bounds that are numbers, parameters or buffers make it element-wise")
+    a, kw = list(ctx.args) + [None, None], ctx.kwargs
+    if ctx.target in (torch.clamp_max, "clamp_max"):
+        lo, hi = None, kw.get("max", a[1])
+    else:
+        lo, hi = kw.get("min", a[1]), (None if ctx.target in (torch.clamp_min, "clamp_min") else kw.get("max", a[2]))
+
+    def f(x: Tensor) -> Tensor:
+        y = x if lo is None else torch.maximum(x, torch.as_tensor(lo, dtype=x.dtype, device=x.device))
+        return y if hi is None else torch.minimum(y, torch.as_tensor(hi, dtype=x.dtype, device=x.device))
+
+    def df(x: Tensor) -> Tensor:
+        inside = torch.ones_like(x, dtype=torch.bool)
+        inside = inside if lo is None else inside & (x > torch.as_tensor(lo, dtype=x.dtype, device=x.device))
+        inside = inside if hi is None else inside & (x < torch.as_tensor(hi, dtype=x.dtype, device=x.device))
+        return inside.to(x.dtype)
+    return f, df
+
+
+class AbsClamp(AbsLRP):
+    """absLRP for a clamp with constant bounds: the element-wise rule of ``f(x) = clamp(x, lo, hi)``
+    (as for ReLU6 and Hardtanh); the bounds take no relevance. Its residual-term VJP is ``g f'(x)``."""
+
+    kind = "abslrp.clamp"
+
+    def __call__(self, ctx, relevance):
+        f, df = clamp_function(ctx)
+        return AbsElementwise(f, df, self.variant, label="clamp")(ctx, relevance)
+
+    def vjp(self, ctx, g: Tensor) -> list:
+        out = [None] * len(ctx.inputs)
+        out[0] = g * clamp_function(ctx)[1](ctx.inputs[0])
+        return out
+
+
+class ClampPassThrough(PassThrough):
+    """Classic presets: a clamp passes relevance through, as every element-wise activation."""
+
+    def route(self, ctx, r):
+        clamp_function(ctx)  # an activation as bound is refused by name
+        return super().route(ctx, r)
+
+
+CLAMPS = (torch.clamp, "clamp", torch.clip, "clip", torch.clamp_min, "clamp_min", torch.clamp_max, "clamp_max")
+
+
 def _abs_table(variant: str):
     def table() -> dict:
         t = {}
@@ -172,14 +224,15 @@ def _abs_table(variant: str):
             rule = AbsElementwiseMagnitude(f, df, variant, label=label)
             t.update({k: rule for k in keys})
         t.update({k: AbsPow(variant) for k in POWS})
+        t.update({k: AbsClamp(variant) for k in CLAMPS})
         return t
     return table
 
 
 def _classic_table() -> dict:
-    passthrough, power_rule = PassThrough(), PowPassThrough()
+    passthrough, power_rule, clamp_rule = PassThrough(), PowPassThrough(), ClampPassThrough()
     return {**{k: passthrough for _, _, keys in list(ACTIVATIONS.values()) + list(GATES.values()) for k in keys},
-            **{k: power_rule for k in POWS}}
+            **{k: power_rule for k in POWS}, **{k: clamp_rule for k in CLAMPS}}
 
 
 extend_preset("*", _classic_table)

@@ -10,6 +10,12 @@
   taking the magnitude, as the LayerNorm rule does), ``head``: ``(x g / s + |x| |g| / s_abs) S``
   with the statistics recomputed on ``|x|``. The classic presets pass relevance through (identity,
   as for LayerNorm).
+* RMS norm (``nn.RMSNorm``, ``F.rms_norm``), ``h = g x / s`` with ``s = sqrt(mean(x^2) + eps)`` over
+  the normalised dims, the statistic constant as for LayerNorm. It is LayerNorm without the mean
+  and the bias, so both LayerNorm coefficients become one: ``paper`` ``x (g + |g| sign(x)) / s``,
+  ``head`` ``x g / s + |x| |g| / s_abs`` with ``s_abs = s`` (the RMS of ``|x|`` is that of ``x``),
+  i.e. ``2 (x g)+ / s``, never negative: the constant-scale rule of ``x * c`` with ``c = g / s``.
+  The classic presets pass relevance through (identity, as for LayerNorm).
 """
 from __future__ import annotations
 
@@ -87,7 +93,26 @@ def _group_stats(x: Tensor, groups: int, eps: float):
     return full(mu), full(sd)
 
 
-class AbsGroupNorm(AbsLRP):
+class _NormCoefficient(AbsLRP):
+    """An element-wise normalisation rule with contribution ``_coefficient(ctx) * S``."""
+
+    def _coefficient(self, ctx) -> Tensor:
+        raise NotImplementedError
+
+    def gains(self, ctx):
+        if self.variant != "paper":
+            return None
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = self._coefficient(ctx) / self.denominator(ctx)
+        return out
+
+    def contributions(self, ctx, s):
+        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+        out[0] = self._coefficient(ctx) * s
+        return out
+
+
+class AbsGroupNorm(_NormCoefficient):
     """absLRP GroupNorm (see the module doc); the parameters take no relevance."""
 
     kind = "abslrp.groupnorm"
@@ -103,21 +128,41 @@ class AbsGroupNorm(AbsLRP):
         _, sd_abs = _group_stats(x.abs(), groups, eps)
         return x * g / sd + x.abs() * g.abs() / sd_abs
 
-    def gains(self, ctx):
-        if self.variant != "paper":
-            return None
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self._coefficient(ctx) / self.denominator(ctx)
-        return out
 
-    def contributions(self, ctx, s):
-        out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-        out[0] = self._coefficient(ctx) * s
-        return out
+def rms_norm_params(ctx: NodeContext):
+    """(normalized dims, weight or None, eps) of an ``nn.RMSNorm`` module or ``F.rms_norm`` call;
+    eps ``None`` is the dtype's machine epsilon, as torch takes it."""
+    x, m = ctx.inputs[0], ctx.module
+    if m is not None:
+        shape, w, eps = m.normalized_shape, m.weight, m.eps
+    else:
+        a, kw = list(ctx.args) + [None] * 4, ctx.kwargs
+        shape, w, eps = _arg(a, kw, 1, "normalized_shape"), _arg(a, kw, 2, "weight"), _arg(a, kw, 3, "eps")
+    n = 1 if isinstance(shape, int) else len(shape)
+    return tuple(range(x.dim() - n, x.dim())), w, torch.finfo(x.dtype).eps if eps is None else eps
+
+
+def rms(x: Tensor, dims, eps: float) -> Tensor:
+    """``sqrt(mean(x^2) + eps)`` over ``dims``, kept for broadcasting."""
+    return torch.sqrt(x.square().mean(dim=dims, keepdim=True) + eps)
+
+
+class AbsRmsNorm(_NormCoefficient):
+    """absLRP RMS norm (see the module doc): contribution ``2 (x g)+ / s * S``, both variants; the
+    weight takes no relevance."""
+
+    kind = "abslrp.rmsnorm"
+
+    def _coefficient(self, ctx) -> Tensor:
+        x = ctx.inputs[0]
+        dims, w, eps = rms_norm_params(ctx)
+        xg = x * w if w is not None else x
+        return 2 * xg.clamp(min=0) / rms(x, dims, eps)
 
 
 BATCH_NORMS = (F.batch_norm,)
 GROUP_NORMS = (nn.GroupNorm, F.group_norm)
+RMS_NORMS = (nn.RMSNorm, F.rms_norm)
 
 register_affine(BATCH_NORMS, batch_norm_affine)
 
@@ -125,15 +170,15 @@ register_affine(BATCH_NORMS, batch_norm_affine)
 def _abs_table(variant: str):
     def table() -> dict:
         bn = AbsBatchNormF(variant) if variant == "paper" else AbsAffine(variant)
-        gn = AbsGroupNorm(variant)
-        return {**{k: bn for k in BATCH_NORMS}, **{k: gn for k in GROUP_NORMS}}
+        gn, rn = AbsGroupNorm(variant), AbsRmsNorm(variant)
+        return {**{k: bn for k in BATCH_NORMS}, **{k: gn for k in GROUP_NORMS}, **{k: rn for k in RMS_NORMS}}
     return table
 
 
 def _classic_table() -> dict:
     from .classic import Epsilon
     eps, ident = Epsilon(1e-6), PassThrough()
-    return {**{k: eps for k in BATCH_NORMS}, **{k: ident for k in GROUP_NORMS}}
+    return {**{k: eps for k in BATCH_NORMS}, **{k: ident for k in GROUP_NORMS + RMS_NORMS}}
 
 
 extend_preset("*", _classic_table)

@@ -10,6 +10,7 @@ Jacobian two uses of one forward graph, so lrpgraph holds constant in ``J`` exac
 rule holds constant:
 
 * GroupNorm: the per-group mean and deviation (as for LayerNorm): ``J^T g = g w / s``;
+* RMS norm: the root mean square (as for LayerNorm): ``J^T g = g w / s``;
 * ``F.normalize``: the norm (the rule treats it as a positive constant): ``J^T g = g / ||x||``;
 * everything else is differentiated in full: ``a - b``, ``addcmul``, the L2 norm (``x / ||x||``),
   a max reduction (to the first maximum of each group, as the rule routes it), powers.
@@ -32,7 +33,7 @@ from torch import Tensor, fx, nn
 from lrpgraph.rule import NodeContext
 
 from .arithmetic import AbsAddcmul, AbsSub
-from .normalization import AbsGroupNorm, _group_stats, group_norm_params
+from .normalization import AbsGroupNorm, AbsRmsNorm, _group_stats, group_norm_params, rms, rms_norm_params
 from .pooling import AbsMaxReduce, AbsNorm, _max_args, _norm_args, _spread, _values, winner_mask
 from .transformer import AbsMaskedMean, AbsNormalize, _mean_weights, _normalize_norm
 
@@ -87,6 +88,13 @@ def _group_norm(ctx: NodeContext, rule, g: Tensor) -> list:
     return _one(ctx, g / sd)
 
 
+def _rms_norm(ctx: NodeContext, rule, g: Tensor) -> list:
+    """The root mean square constant (as LayerNorm's statistics): ``g w / s``."""
+    x = ctx.inputs[0]
+    dims, w, eps = rms_norm_params(ctx)
+    return _one(ctx, (g * w if w is not None else g) / rms(x, dims, eps))
+
+
 def _normalize(ctx: NodeContext, rule, g: Tensor) -> list:
     """The norm constant (as the rule treats it): ``g / max(||x||, eps)``."""
     return _one(ctx, g / _normalize_norm(ctx))
@@ -113,8 +121,8 @@ def _masked_mean(ctx: NodeContext, rule, g: Tensor) -> list:
     return [g.unsqueeze(-2) * _mean_weights(x, m), None]
 
 
-BY_RULE = {AbsSub: _sub, AbsAddcmul: _addcmul, AbsGroupNorm: _group_norm, AbsNormalize: _normalize,
-           AbsMaxReduce: _max_reduce, AbsNorm: _norm, AbsMaskedMean: _masked_mean}
+BY_RULE = {AbsSub: _sub, AbsAddcmul: _addcmul, AbsGroupNorm: _group_norm, AbsRmsNorm: _rms_norm,
+           AbsNormalize: _normalize, AbsMaxReduce: _max_reduce, AbsNorm: _norm, AbsMaskedMean: _masked_mean}
 
 
 # --------------------------------------------------------------------------------------------

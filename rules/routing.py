@@ -7,8 +7,11 @@ which input entry it was copied from; the relevance is then summed back into tho
 ``scatter_add``. Entries copied several times (reflect padding, overlapping windows, repeats) add
 their relevance up like a fan-out, so the two sign streams are returned separately (a
 :class:`~lrpgraph.rule.Split`) for the report to measure before they cancel. Padded entries of a
-constant pad have no source: their relevance is 0 there by construction (the rule of the op that
-consumed them gives them none in absLRP, since they are 0). The rules subclass
+constant pad have no source. With zero padding their relevance is 0 by construction (the rule of
+the op that consumed them gives them none in absLRP, since they are 0); a pad with a non-zero
+value adds constant entries, whose relevance belongs to that constant as a parameter's share does
+to the parameter (``x + b``): it is absorbed, and the report shows it in a by-design row
+``<node>.constant`` (see :class:`~lrpgraph.rule.Absorbed`). The rules subclass
 :class:`~lrpgraph.rules.structural.Structural`, so a preset that applies another rule to every
 shape op applies it to these as well.
 """
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lrpgraph.presets import extend_preset
-from lrpgraph.rule import NodeContext, Split
+from lrpgraph.rule import Absorbed, NodeContext, Split
 
 from .structural import Structural
 
@@ -48,6 +51,28 @@ def _run_on(ctx: NodeContext, idx: Tensor) -> Tensor:
     return ctx.target(idx, *rest, **kw)
 
 
+def pad_value(ctx: NodeContext) -> float:
+    """The fill value of a constant pad; 0 for the other routing ops."""
+    m = ctx.module
+    if isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
+        return float(m.value)
+    if ctx.target is F.pad:
+        a, kw = list(ctx.args) + [None] * 3, ctx.kwargs
+        mode, value = kw.get("mode", a[2] or "constant"), kw.get("value", a[3])
+        return float(value or 0.0) if mode == "constant" else 0.0
+    return 0.0
+
+
+def _sources(ctx: NodeContext, device) -> Tensor:
+    """Per output entry, 1 + the flat index of the input entry it copies (0: none)."""
+    shape = tuple(ctx.input_shapes[0])
+    n = 1
+    for s in shape:
+        n *= s
+    # float64 holds every index exactly up to 2**53; reflect/replicate pads want floats
+    return _run_on(ctx, torch.arange(1, n + 1, dtype=torch.float64, device=device).reshape(shape))
+
+
 class IndexRoute(Structural):
     """Exact routing for any op that copies input entries to output entries (see the module doc)."""
 
@@ -55,14 +80,20 @@ class IndexRoute(Structural):
     def name(self) -> str:
         return "route"
 
+    def __call__(self, ctx, relevance):
+        out = super().__call__(ctx, relevance)
+        value = pad_value(ctx)
+        if value == 0.0 or not isinstance(relevance, Tensor):
+            return out
+        constant = (_sources(ctx, relevance.device) == 0).to(relevance.dtype)
+        return list(out) + [Absorbed(relevance * constant, f"the pad value {value:g}")]
+
     def route(self, ctx, r):
         shape = tuple(ctx.input_shapes[0])
         n = 1
         for s in shape:
             n *= s
-        # float64 holds every index exactly up to 2**53; reflect/replicate pads want floats
-        idx = torch.arange(1, n + 1, dtype=torch.float64, device=r.device).reshape(shape)
-        src = _run_on(ctx, idx)
+        src = _sources(ctx, r.device)
         if tuple(src.shape) != tuple(r.shape[1:]):
             raise NotImplementedError(f"{ctx.describe()}: could not map its output back to its input "
                                       f"(index map {tuple(src.shape)}, relevance {tuple(r.shape[1:])})")

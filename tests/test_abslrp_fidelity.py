@@ -64,6 +64,8 @@ def _autograd_vjp(gm, vals, branch, a, b, u):
             env[n] = (x - mu) / torch.sqrt(var + eps) * w + bias
         elif n.target is F.group_norm or isinstance(mod, nn.GroupNorm):
             env[n] = _group_norm_detached(args, kwargs, mod)
+        elif n.target is F.rms_norm or isinstance(mod, nn.RMSNorm):
+            env[n] = _rms_norm_detached(args, kwargs, mod)
         elif n.target is F.normalize:  # the norm constant
             p = list(args) + [None] * 4
             pn, dim, eps = [kwargs.get(k, d if v is None else v) for k, v, d in zip(("p", "dim", "eps"), p[1:4], (2.0, 1, 1e-12))]
@@ -95,6 +97,18 @@ def _group_norm_detached(args, kwargs, mod):
     shape = (1, -1) + (1,) * (x.dim() - 2)
     h = h if w is None else h * w.reshape(shape)
     return h if b is None else h + b.reshape(shape)
+
+
+def _rms_norm_detached(args, kwargs, mod):
+    """RMS norm with the root mean square detached (as LayerNorm's statistics)."""
+    x = args[0]
+    p = list(args) + [None] * 4
+    shape, w, eps = ((mod.normalized_shape, mod.weight, mod.eps) if mod is not None else
+                     (kwargs.get("normalized_shape", p[1]), kwargs.get("weight", p[2]), kwargs.get("eps", p[3])))
+    dims = tuple(range(x.dim() - len(shape), x.dim()))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    h = x / torch.sqrt((x * x).mean(dims, keepdim=True) + eps).detach()
+    return h if w is None else h * w
 
 
 def _check_branches(model, x, n_expected):

@@ -273,3 +273,29 @@ def test_functional_group_norm_and_amax_are_lifted_on_the_export_graph(preset):
     ee = Explainer(model, preset, tracer="export")(x, target=[0, 3])
     assert_same(ee.relevance, ef.relevance)
     assert "aten" not in " ".join(r.op for r in ee.conservation())  # the torch-level rules served them
+
+
+class _RmsNormFn(nn.Module):
+    """F.rms_norm with a weight (timm's RmsNorm) and nn.RMSNorm without: aten.rms_norm on export;
+    clamps by buffers (timm's Gemma4ClippableLinear: aten.clamp.Tensor) and by a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.norm = nn.Linear(6, 6), nn.Linear(6, 4), nn.RMSNorm(6, elementwise_affine=False)
+        self.weight = nn.Parameter(torch.randn(6))
+        self.register_buffer("lo", torch.tensor(-0.5))
+        self.register_buffer("hi", torch.tensor(0.8))
+
+    def forward(self, x):
+        h = torch.nn.functional.rms_norm(torch.clamp(self.l1(x), self.lo, self.hi), (6,), self.weight, 1e-6)
+        return self.l2(self.norm(x + torch.relu(h)).clamp(max=1.0)).mean(1)
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "abslrp-renorm", "lrp-epsilon"])
+def test_rms_norm_and_clamp_are_lifted_on_the_export_graph(preset):
+    model = _RmsNormFn().eval().to(DT)
+    x = torch.randn(2, 5, 6, dtype=DT)
+    ef = Explainer(model, preset, tracer="fx")(x, target=[0, 3])
+    ee = Explainer(model, preset, tracer="export")(x, target=[0, 3])
+    assert_same(ee.relevance, ef.relevance)
+    assert "aten" not in " ".join(r.op for r in ee.conservation())

@@ -1,7 +1,7 @@
 """abslrp-renorm's residual term through every kind of op that a branch may hold: the explicit
 transposed-Jacobian walk (rules/residual.py, rules/residual_vjp.py) against autograd in float64, to
 1e-10, with the statistics the authors' code and lrpgraph's rules hold constant detached (LayerNorm,
-softmax, GroupNorm, the norm of ``F.normalize``); see docs/abslrp.md."""
+softmax, GroupNorm, RMS norm, the norm of ``F.normalize``); see docs/abslrp.md."""
 from __future__ import annotations
 
 import pytest
@@ -32,6 +32,7 @@ class Res(nn.Module):
         self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
         self.gn, self.gn1 = nn.GroupNorm(2, 4), nn.GroupNorm(1, 4, affine=False)
         self.fold = nn.Fold((6, 6), 3, padding=1)
+        self.rms = nn.RMSNorm(8, eps=1e-6)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
@@ -67,6 +68,10 @@ TOKEN_BRANCHES = {
     "addcmul": lambda m, x: torch.addcmul(m.l1(x), m.l2(x), x, value=0.5),
     "normalize": lambda m, x: m.l1(F.normalize(x, dim=-1)),
     "normalize-p1": lambda m, x: F.normalize(m.l1(x), p=1.0, dim=1),
+    "rms-norm": lambda m, x: m.l1(m.rms(x)),
+    "rms-norm-f": lambda m, x: F.rms_norm(m.l1(x), (8,), m.l2.bias, 1e-6),
+    "rms-norm-f-2d-no-weight": lambda m, x: F.rms_norm(m.l1(x), [5, 8]),
+    "clamp": lambda m, x: torch.clamp(m.l1(x), -0.3, 0.4) + m.l2(x).clamp_min(-0.2) + m.l1(x).clamp(max=0.1),
     "amax": lambda m, x: m.l1(x).amax(-1, keepdim=True),
     "max-dim": lambda m, x: torch.max(m.l1(x), dim=1, keepdim=True)[0],
     "l2-norm": lambda m, x: m.l1(x).norm(dim=-1, keepdim=True),

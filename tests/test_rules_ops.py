@@ -16,8 +16,10 @@ import lrpgraph
 from lrpgraph.rules import abslrp as A
 from lrpgraph.rules import activations as ACT
 from lrpgraph.rules import classic as C
-from lrpgraph.rules.normalization import AbsBatchNormF, AbsGroupNorm
+from lrpgraph.rules.normalization import AbsBatchNormF, AbsGroupNorm, AbsRmsNorm
+from lrpgraph.rules.structural import PassThrough
 from lrpgraph.rules.pooling import AbsMaxReduce, MaxReduceWinner
+from lrpgraph.rule import Absorbed
 from lrpgraph.rules.routing import IndexRoute
 from lrpgraph.rules.arithmetic import AbsSub, SubEpsilon
 from test_rules_dense import (B, DT, EPS, K, Lambda, affine_G, autograd_derivative, capture, check_abs, close,
@@ -172,6 +174,61 @@ def test_new_activations(name: str, variant: str) -> None:
     check_abs(out, [torch.diag_embed(g.reshape(B, -1))], h.reshape(B, -1), R, variant, [0])
 
 
+class Clip(nn.Module):
+    """A clamp by buffer bounds (timm's ``Gemma4ClippableLinear``), by numbers, or by one side."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.register_buffer("lo", torch.tensor([-1.0, -0.5, -2.0, -3.0], dtype=DT))
+        self.register_buffer("hi", torch.tensor(1.5, dtype=DT))
+
+    def forward(self, t):
+        if self.how == "buffers":
+            return torch.clamp(t, self.lo, self.hi)
+        if self.how == "numbers":
+            return t.clamp(min=-1.0, max=2.0)
+        return torch.clamp_min(t, -0.5)
+
+    def bounds(self):
+        return {"buffers": (self.lo, self.hi), "numbers": (-1.0, 2.0), "min": (-0.5, float("inf"))}[self.how]
+
+
+@pytest.mark.parametrize("variant", ["head", "paper", "classic"])
+@pytest.mark.parametrize("how", ["buffers", "numbers", "min"])
+def test_clamp_with_constant_bounds(how: str, variant: str) -> None:
+    m = Clip(how)
+    x = torch.randn(B, 3, 4, dtype=DT) * 2
+    c = node_of(m, x, lambda c: isinstance(c.rule, (ACT.AbsClamp, ACT.ClampPassThrough)),
+                "lrp-epsilon" if variant == "classic" else "abslrp")
+    h = c.ctx.output
+    R = rel_like(h)
+    if variant == "classic":
+        close(c.rule(c.ctx, R)[0], R)
+        return
+    out = ACT.AbsClamp(variant)(c.ctx, R)
+    lo, hi = (torch.as_tensor(b, dtype=DT).expand(4) for b in m.bounds())
+    f = lambda v, j: min(max(v, lo[j].item()), hi[j].item())  # noqa: E731
+    d = lambda v, j: 1.0 if lo[j].item() < v < hi[j].item() else 0.0  # noqa: E731
+    g = torch.zeros_like(x)
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in x.shape)).tolist():
+        v, j = x[tuple(idx)].item(), idx[-1]
+        y = f(v, j)
+        assert h[tuple(idx)].item() == y
+        if variant == "head":
+            g[tuple(idx)] = v * d(v, j) + abs(v) * d(abs(v), j)
+        else:
+            g[tuple(idx)] = v * d(v, j) * (1 + (y > 0) - (y < 0))
+    check_abs(out, [torch.diag_embed(g.reshape(B, -1))], h.reshape(B, -1), R, variant, [0])
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "lrp-epsilon"])
+def test_clamp_by_an_activation_is_refused_by_name(preset: str) -> None:
+    m = nn.Sequential(nn.Linear(4, 4), Lambda(lambda t: torch.clamp(t, t.mean(-1, keepdim=True)))).to(DT).eval()
+    with pytest.raises(Exception, match="clamp whose bound is an activation"):
+        lrpgraph.explain(m, torch.randn(B, 4, dtype=DT), rules=preset)
+
+
 class Gate(nn.Module):
     """Squeeze-excitation: ``x * sigmoid(fc(mean(x)))``."""
 
@@ -284,6 +341,54 @@ def test_abs_group_norm(functional: bool, variant: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# RMS norm
+
+
+class FRmsNorm(nn.Module):
+    """``F.rms_norm`` over the last two dims with the dtype's eps (``eps=None``), no weight."""
+
+    def forward(self, t):
+        return F.rms_norm(t, (3, 4))
+
+
+@pytest.mark.parametrize("variant", ["head", "paper", "classic"])
+@pytest.mark.parametrize("functional", [False, True])
+def test_rms_norm(functional: bool, variant: str) -> None:
+    """Literal per-row loops: ``paper`` ``x (g + |g| sign(x)) / s`` (LayerNorm's with ``mu = 0``),
+    ``head`` ``x g / s + |x| |g| / s_abs`` (statistics recomputed on ``|x|``); classic: identity."""
+    m = FRmsNorm() if functional else nn.RMSNorm(4, eps=1e-3).to(DT)
+    if not functional:
+        with torch.no_grad():
+            m.weight.normal_()
+    x = torch.randn(B, 2, 3, 4, dtype=DT)
+    c = node_of(m, x, lambda c: isinstance(c.rule, (AbsRmsNorm, PassThrough)),
+                "lrp-epsilon" if variant == "classic" else "abslrp")
+    h = c.ctx.output
+    R = rel_like(h)
+    if variant == "classic":
+        assert isinstance(c.rule, PassThrough)
+        close(c.rule(c.ctx, R)[0], R)
+        return
+    assert isinstance(c.rule, AbsRmsNorm)
+    out = AbsRmsNorm(variant)(c.ctx, R)
+    coef = torch.zeros_like(x)
+    for b in range(B):
+        for i in range(2):
+            rows = [(i, j) for j in range(3)] if not functional else [(i, slice(None))]
+            for row in rows:
+                xs = x[b][row]
+                g = torch.ones_like(xs) if functional else m.weight.detach()
+                eps = torch.finfo(DT).eps if functional else 1e-3
+                sd = ((xs * xs).mean() + eps).sqrt()
+                sda = ((xs.abs() * xs.abs()).mean() + eps).sqrt()
+                if variant == "paper":
+                    coef[b][row] = xs * (g + g.abs() * torch.sign(xs)) / sd
+                else:
+                    coef[b][row] = xs * g / sd + xs.abs() * g.abs() / sda
+    check_abs(out, [torch.diag_embed(coef.reshape(B, -1))], h.reshape(B, -1), R, variant, [0])
+
+
+# --------------------------------------------------------------------------------------------
 # max reductions
 
 
@@ -367,6 +472,56 @@ def test_routing_is_vjp(case: str) -> None:
         t = x.clone().requires_grad_(True)  # each stream is the VJP of that sign's relevance
         (ref_p,) = torch.autograd.grad(m(t), t, R[k].clamp(min=0))
         close(got[0][k], ref_p)
+
+
+@pytest.mark.parametrize("case", ["f.pad_value", "constantpad"])
+def test_constant_pad_hands_its_entries_to_the_constant(case: str) -> None:
+    """A pad with a non-zero value: the data entries are routed exactly, the relevance of the
+    entries it adds is handed to the constant (absorbed, as a parameter's share)."""
+    m = (Lambda(lambda t: F.pad(t, (1, 2, 0, 1), value=1.5)) if case == "f.pad_value"
+         else nn.ConstantPad2d((2, 0, 1, 1), -0.5))
+    x = torch.randn(B, 4, 4, 5, dtype=DT)
+    c = node_of(m, x, lambda c: isinstance(c.rule, IndexRoute), preset="lrp-0")
+    with torch.no_grad():
+        h = m(x)
+    R = rel_like(h)
+    out = c.rule(c.ctx, R)
+    assert len(out) == 2 and isinstance(out[1], Absorbed)
+    pad = (1, 2, 0, 1) if case == "f.pad_value" else (2, 0, 1, 1)
+    data = torch.zeros_like(h, dtype=torch.bool)
+    data[..., pad[2]:h.shape[-2] - pad[3], pad[0]:h.shape[-1] - pad[1]] = True
+    got = split_parts(out[0])
+    close(got[0] + got[1], R[..., pad[2]:h.shape[-2] - pad[3], pad[0]:h.shape[-1] - pad[1]])
+    close(out[1].relevance, torch.where(data, torch.zeros_like(R), R))
+
+
+class PadOnes(nn.Module):
+    """A row of ones padded onto an activation before a linear layer (LiteMLA pads ``v`` so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 4), nn.Linear(5, 3)
+        with torch.no_grad():
+            self.l2.weight[:, 4] = torch.tensor([0.3, 0.5, -0.2])  # the constant column takes relevance
+
+    def forward(self, x):
+        return self.l2(F.pad(torch.relu(self.l1(x)), (0, 1), value=1.0))
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "abslrp-renorm", "lrp-epsilon"])
+def test_constant_pad_share_is_absorbed_by_design(preset: str) -> None:
+    """The pad's row conserves, the constant's share gets a by-design row ``<pad>.constant`` and
+    the named absorbed relevance; under ``abslrp`` nothing leaks."""
+    torch.manual_seed(1)
+    e = lrpgraph.Explainer(PadOnes().to(DT).eval(), rules=preset)(torch.randn(B, 4, dtype=DT))
+    rows = {r.name: r for r in e.conservation()}
+    assert rows["pad.constant"].by_design and "pad value 1" in rows["pad.constant"].note
+    assert rows["pad"].worst() < 1e-12
+    absorbed = e.absorbed["pad.constant"]
+    assert bool((absorbed[..., :4] == 0).all()) and bool((absorbed[..., 4] != 0).any())
+    close(rows["pad.constant"].in_sum, absorbed.sum(-1).to(rows["pad"].in_sum.dtype))
+    if preset == "abslrp":
+        assert e.conservation().max_rel_error() < 1e-12
 
 
 def test_routing_end_to_end_every_preset() -> None:

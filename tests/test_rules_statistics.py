@@ -181,6 +181,65 @@ def test_division_by_an_activation_that_is_not_a_statistic_is_refused(preset: st
         lrpgraph.Explainer(DivByActivation().to(DT).eval(), rules=preset)(torch.randn(B, 3, dtype=DT))
 
 
+class LinearAttention(nn.Module):
+    """timm's EfficientViT ``LiteMLA``: ``v`` padded with a column of ``value``, then
+    ``out = q @ (k^T @ v)`` and ``out[..., :-1] / (out[..., -1:] + eps)``. ``how`` breaks it:
+    ``"zero"`` pads zeros, ``"left"`` pads only left factors (the product's columns are tokens),
+    ``"overlap"`` divides by a column of v."""
+
+    def __init__(self, how: str = "ok"):
+        super().__init__()
+        self.how = how
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = F.relu(self.qkv(x)).chunk(3, -1)
+        if self.how == "left":
+            out = F.pad(q, (0, 1), value=1.0) @ F.pad(k, (0, 1), value=1.0).transpose(-1, -2)  # 5 tokens
+            return self.head(out[..., :-1] / (out[..., -1:] + 1e-3)).mean(1)
+        v = F.pad(v, (0, 1), mode="constant", value=0.0 if self.how == "zero" else 2.0)
+        out = q.double() @ (k.transpose(-1, -2) @ v).contiguous()
+        den = out[..., -2:-1] if self.how == "overlap" else out[..., -1:]
+        return self.head(out[..., :-1] / (den + 1e-3)).mean(1)
+
+
+@pytest.mark.parametrize("preset", ["abslrp", "abslrp-renorm", "lrp-epsilon"])
+def test_normaliser_computed_in_the_same_product_is_a_constant_gate(preset: str) -> None:
+    """Linear attention's ``M @ v / (c * rowsum(M))``: the denominator is held constant (the
+    scaling rule on the numerator, nothing to the denominator's slice), literally in float64."""
+    torch.manual_seed(3)
+    m = LinearAttention().to(DT).eval()
+    x = torch.randn(B, 5, 4, dtype=DT)
+    c = _gate_node(m, x, preset)
+    num, den = c.ctx.inputs
+    assert statistic_slots(c.ctx) == [1]
+    q, k, v = F.relu(m.qkv(x)).chunk(3, -1)
+    scores = q @ k.transpose(-1, -2)
+    close(den, 2.0 * scores.sum(-1, keepdim=True) + 1e-3)  # the normaliser: c * rowsum(M) + eps
+    h = c.ctx.output
+    R = rel_like(h)
+    out = c.rule(c.ctx, R)
+    assert out[1] is None
+    if preset == "lrp-epsilon":
+        close(out[0], R)
+    else:
+        g = 2 * (num / den).clamp(min=0)
+        check_abs(out, [torch.diag_embed(g.reshape(B, -1))], h.reshape(B, -1), R,
+                  "paper" if preset == "abslrp" else "head", [0])
+    e = lrpgraph.Explainer(m, rules="abslrp")(x)
+    assert e.conservation().max_rel_error() < 1e-9
+    ee = lrpgraph.Explainer(m, rules=preset, tracer="export")(x)
+    close(ee.relevance, lrpgraph.Explainer(m, rules=preset, tracer="fx")(x).relevance)
+
+
+@pytest.mark.parametrize("how", ["zero", "left", "overlap"])
+def test_a_slice_of_the_same_product_that_is_no_normaliser_is_refused(how: str) -> None:
+    """Zero padding, ones padded to the left factor, or a divisor column that is not a padded
+    one: no normaliser of the numerator, so the division by an activation is refused."""
+    with pytest.raises(Exception, match="divides by an activation"):
+        lrpgraph.Explainer(LinearAttention(how).to(DT).eval(), rules="lrp-epsilon")(torch.randn(B, 5, 4, dtype=DT))
+
+
 # --------------------------------------------------------------------------------------------
 # the attention scale on the scores
 
