@@ -450,20 +450,25 @@ ROUTES = {
 }
 
 
+def _route(m: nn.Module):
+    """Input, output, relevance and the exact-routing rule's output for ``m`` on a (B, 4, 4, 5) input."""
+    x = torch.randn(B, 4, 4, 5, dtype=DT)
+    c = node_of(m, x, lambda c: isinstance(c.rule, IndexRoute), preset="lrp-0")
+    with torch.no_grad():
+        h = m(x)
+    R = rel_like(h)
+    return x, h, R, c.rule(c.ctx, R)
+
+
 @pytest.mark.parametrize("case", list(ROUTES))
 def test_routing_is_vjp(case: str) -> None:
     """Exact routing: the relevance of an input entry is the sum over the output entries copied
     from it, i.e. the op's vector-Jacobian product."""
     op = ROUTES[case]
     m = op if isinstance(op, nn.Module) else Lambda(op)
-    x = torch.randn(B, 4, 4, 5, dtype=DT)
     # the exact route (the classic presets' and the current-code preset's treatment of moves;
     # the paper preset wraps it in the identity-like rule, tested in test_abslrp_fidelity.py)
-    c = node_of(m, x, lambda c: isinstance(c.rule, IndexRoute), preset="lrp-0")
-    with torch.no_grad():
-        h = m(x)
-    R = rel_like(h)
-    out = c.rule(c.ctx, R)
+    x, h, R, out = _route(m)
     got = split_parts(out[0])
     for k in range(K):
         t = x.clone().requires_grad_(True)
@@ -480,12 +485,7 @@ def test_constant_pad_hands_its_entries_to_the_constant(case: str) -> None:
     entries it adds is handed to the constant (absorbed, as a parameter's share)."""
     m = (Lambda(lambda t: F.pad(t, (1, 2, 0, 1), value=1.5)) if case == "f.pad_value"
          else nn.ConstantPad2d((2, 0, 1, 1), -0.5))
-    x = torch.randn(B, 4, 4, 5, dtype=DT)
-    c = node_of(m, x, lambda c: isinstance(c.rule, IndexRoute), preset="lrp-0")
-    with torch.no_grad():
-        h = m(x)
-    R = rel_like(h)
-    out = c.rule(c.ctx, R)
+    x, h, R, out = _route(m)
     assert len(out) == 2 and isinstance(out[1], Absorbed)
     pad = (1, 2, 0, 1) if case == "f.pad_value" else (2, 0, 1, 1)
     data = torch.zeros_like(h, dtype=torch.bool)
