@@ -223,18 +223,23 @@ def run_one(name: str, size: int, presets) -> dict:
 
 
 def _child(name: str, size: int, presets, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--size", str(size),
-           "--presets", *presets]
+    return run_worker([os.path.abspath(__file__), "--worker", name, "--size", str(size), "--presets", *presets],
+                      timeout, {"model": name})
+
+
+def run_worker(args: List[str], timeout: float, row: dict) -> dict:
+    """Run ``python ARGS`` (a worker printing its row as one JSON line) under a time limit: its row,
+    or ``row`` with the error (time limit, or the last line of its stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"model": name, "error": f"time limit ({timeout:.0f} s)"}
+        return dict(row, error=f"time limit ({timeout:.0f} s)")
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"model": name, "error": f"process exited {p.returncode}: {tail[:300]}"}
+    return dict(row, error=f"process exited {p.returncode}: {tail[:300]}")
 
 
 def _pct(n: int, d: int) -> str:

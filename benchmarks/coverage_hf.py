@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from coverage import PRESETS, TOL, _cell, _failure, _short_error, explain_row  # noqa: E402
+from coverage import PRESETS, TOL, _cell, _failure, _short_error, explain_row, run_worker  # noqa: E402
 
 #: one small config per architecture: 2 layers, width 64, 4 heads (MiniLM: its real shape)
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -103,17 +102,8 @@ def run_one(key: str, presets) -> dict:
 
 
 def _child(key: str, presets, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", key, "--presets", *presets]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"model": key, "class": MODELS[key][0], "error": f"time limit ({timeout:.0f} s)"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"model": key, "class": MODELS[key][0], "error": f"process exited {p.returncode}: {tail[:300]}"}
+    return run_worker([os.path.abspath(__file__), "--worker", key, "--presets", *presets], timeout,
+                      {"model": key, "class": MODELS[key][0]})
 
 
 def write(rows: List[dict], out: str, command: str) -> None:
