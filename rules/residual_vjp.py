@@ -23,7 +23,6 @@ check every formula against autograd in float64.
 """
 from __future__ import annotations
 
-import operator
 from typing import Callable, List, Optional
 
 import torch
@@ -32,9 +31,11 @@ from torch import Tensor, fx, nn
 
 from lrpgraph.rule import NodeContext
 
+from .activations import POWS, pow_exponent, power
+from .affine import affine_of
 from .arithmetic import AbsAddcmul, AbsSub
 from .normalization import AbsGroupNorm, AbsRmsNorm, _group_stats, group_norm_params, rms, rms_norm_params
-from .pooling import AbsMaxReduce, AbsNorm, _max_args, _norm_args, _spread, _values, winner_mask
+from .pooling import FOLDS, AbsMaxReduce, AbsNorm, _max_args, _norm_args, _spread, _values, winner_mask
 from .transformer import AbsMaskedMean, AbsNormalize, _mean_weights, _normalize_norm
 
 Formula = Callable[[NodeContext, object, object], list]
@@ -130,55 +131,22 @@ BY_RULE = {AbsSub: _sub, AbsAddcmul: _addcmul, AbsGroupNorm: _group_norm, AbsRms
 
 
 def _pow(ctx: NodeContext, rule, g: Tensor) -> list:
-    """``x ** p`` with a constant number ``p``: ``g p x^(p-1)``."""
-    a, kw = list(ctx.args) + [None], ctx.kwargs
-    p = 2 if ctx.target in (torch.square, "square") else kw.get("exponent", a[1])
-    if ctx.is_parameter[0] or isinstance(p, Tensor) or not isinstance(p, (int, float)):
-        raise NotImplementedError(f"{ctx.describe()}: only a power of an activation with a constant number "
-                                  "as exponent has a transposed-Jacobian formula")
-    x = ctx.inputs[0]
-    return _one(ctx, g * (p * x ** (p - 1)) if p != 0 else torch.zeros_like(g))
+    """``x ** p`` with a constant number ``p``: ``g f'(x)`` (the exponent and derivative of the
+    power rules; a tensor exponent is refused by name)."""
+    _, df = power(pow_exponent(ctx))
+    return _one(ctx, g * df(ctx.inputs[0]))
 
 
-def _fold(ctx: NodeContext, rule, g: Tensor) -> list:
-    """``F.fold`` sums sliding blocks into an image; its transpose is ``F.unfold``."""
-    m = ctx.module
-    if m is not None:
-        ks, dil, pad, st = m.kernel_size, m.dilation, m.padding, m.stride
-    else:
-        a, kw = list(ctx.args) + [None] * 6, ctx.kwargs
-        get = lambda i, n, d: kw.get(n, a[i] if a[i] is not None else d)  # noqa: E731
-        ks, dil, pad, st = get(2, "kernel_size", None), get(3, "dilation", 1), get(4, "padding", 0), get(5, "stride", 1)
-    img = g.reshape((-1,) + tuple(g.shape[-3:]))
-    cols = F.unfold(img, ks, dilation=dil, padding=pad, stride=st)
-    return _one(ctx, cols.reshape((g.shape[0],) + tuple(ctx.input_shapes[0])))
+def _affine(ctx: NodeContext, rule, g: Tensor) -> list:
+    """Fold and transposed convolutions: linear ops whose transpose their affine form gives
+    (``F.unfold``; the convolution with the same weight), as for any affine rule."""
+    op = affine_of(ctx)
+    return op.place(op.transpose(g, op.weight))
 
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _conv_transpose(ctx: NodeContext, rule, g: Tensor) -> list:
-    """A transposed convolution's transpose is the convolution with the same weight, stride,
-    padding, dilation and groups (``output_padding`` only adds outputs the convolution skips)."""
-    m = ctx.module
-    if m is not None:
-        w, st, pad, dil, groups = m.weight, m.stride, m.padding, m.dilation, m.groups
-    else:
-        a, kw = list(ctx.args) + [None] * 8, ctx.kwargs
-        get = lambda i, n, d: kw.get(n, a[i] if a[i] is not None else d)  # noqa: E731
-        w, st, pad = get(1, "weight", None), get(3, "stride", 1), get(4, "padding", 0)
-        groups, dil = get(6, "groups", 1), get(7, "dilation", 1)
-    nd = w.dim() - 2
-    flat = g.reshape((-1,) + tuple(g.shape[-nd - 1:]))
-    out = _CONV[nd](flat, w, None, st, pad, dil, groups)
-    return _one(ctx, out.reshape((g.shape[0],) + tuple(ctx.input_shapes[0])))
-
-
-BY_OP = {operator.pow: _pow, torch.pow: _pow, "pow": _pow, torch.square: _pow, "square": _pow,
-         F.fold: _fold, nn.Fold: _fold,
-         F.conv_transpose1d: _conv_transpose, F.conv_transpose2d: _conv_transpose,
-         F.conv_transpose3d: _conv_transpose, **{t: _conv_transpose for t in _CONV_T}}
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+BY_OP = {**{k: _pow for k in POWS}, **{k: _affine for k in (*FOLDS, *_CONV_TRANSPOSES)}}
 
 
 def formula(ctx: NodeContext, rule) -> Optional[Formula]:

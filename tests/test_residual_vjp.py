@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import lrpgraph
 from lrpgraph.text import masked_mean
@@ -156,3 +156,47 @@ def test_branch_vjp_matches_autograd_timm(timm, name, n_branches):
     """Real branches: F.normalize in SwiftFormer's additive attention, GroupNorm in SHViT."""
     m = timm.create_model(name, pretrained=False).eval().to(DT)
     _check_branches(m, torch.randn(1, 3, 64, 64, dtype=DT, generator=torch.Generator().manual_seed(0)), n_branches)
+
+
+BY_OP_CASES = {
+    "pow": lambda m, x: m.l1(x) ** 3,
+    "fold-module": lambda m, x: m.fold(F.unfold(m.conv(x), 3, padding=1)),
+    "fold-f": lambda m, x: F.fold(F.unfold(m.conv(x), 3, padding=1), (6, 6), 3, padding=1),
+    "conv-transpose": lambda m, x: m.up(m.down(x)),
+    "conv-transpose-f": lambda m, x: F.conv_transpose2d(m.down(x), m.wt, None, 2, 1, 1, 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BY_OP_CASES))
+def test_by_op_formula_matches_autograd(case):
+    """The formulas by op (for a rule that no formula knows): each node's VJP against autograd."""
+    from lrpgraph.record import record
+    from lrpgraph.rules.residual_vjp import formula_by_op
+    from lrpgraph.walk import _context
+
+    shape = TOKENS if case == "pow" else IMAGE
+    m = Res(BY_OP_CASES[case]).eval().to(DT)
+    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(2))
+    ex = lrpgraph.Explainer(m, rules="abslrp-renorm")
+    plan = ex.plan
+    plan.keep.update(plan.nodes)
+    rec = record(plan, [x])
+    checked = 0
+    for node in plan.nodes:
+        ctx = _context(plan, rec, node, plan.rules.get(node), report=False)
+        f = formula_by_op(ctx)
+        if f is None:
+            continue
+        a = ctx.inputs[0].detach().clone().requires_grad_(True)
+        first = node.all_input_nodes[0]
+        env = lambda n: a if n is first else rec.values[n]  # noqa: E731
+        args, kwargs = fx.node.map_arg(node.args, env), fx.node.map_arg(node.kwargs, env)
+        fn = getattr(ex.graph_module, node.target) if node.op == "call_module" else node.target
+        with torch.enable_grad():
+            y = fn(*args, **kwargs)
+        g = torch.randn((2,) + tuple(y.shape), dtype=DT)
+        want = torch.stack([torch.autograd.grad(y, a, g[k], retain_graph=True)[0] for k in range(2)])
+        got = f(ctx, None, g)[0]
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        checked += 1
+    assert checked == 1
