@@ -71,7 +71,9 @@ class AbsLRP(Rule):
 
     def gains(self, ctx: NodeContext) -> Optional[List[Optional[Tensor]]]:
         """For element-wise rules: ``g_k`` with ``r_k = g_k * R`` and ``g_k >= 0`` (the divisor
-        included), which allows the fast :func:`conserve_diagonal`. ``None``: use the general path."""
+        included), which allows the fast :func:`conserve_diagonal`. ``None``: use the general path.
+        The paper variant's gains may all carry one positive constant factor: the conservation
+        rescales each sign stream to its mass, which cancels it."""
         return None
 
     def __call__(self, ctx: NodeContext, relevance: Tensor):
@@ -89,7 +91,16 @@ class AbsLRP(Rule):
 
 
 def _nonneg(x: Tensor) -> bool:
-    return x.numel() == 0 or bool(x.min() >= 0)  # a reduction, no boolean temporary
+    """Whether every entry of ``x`` is >= 0. A signed activation (after LayerNorm, GELU, a
+    projection) usually shows a negative entry within its first row, so a short prefix is scanned
+    first and the full reduction runs only where the prefix is non-negative (exact either way)."""
+    if x.numel() == 0:
+        return True
+    if x.numel() > 8192:
+        head = x.reshape(-1)[:4096] if x.is_contiguous() else x[(0,) * (x.dim() - 1)]
+        if bool(head.min() < 0):
+            return False
+    return bool(x.min() >= 0)  # a reduction, no boolean temporary
 
 
 class AbsAffine(AbsLRP):
@@ -212,7 +223,9 @@ class AbsAdd(AbsLRP):
         return out
 
     def gains(self, ctx):
-        inv = self.denominator(ctx).reciprocal_().mul_(2)
+        inv = self.denominator(ctx).reciprocal_()
+        if self.variant == "head":  # raw values; the paper variant's conservation cancels the 2
+            inv.mul_(2)
         return [None if not isinstance(v, Tensor) else
                 torch.clamp(v, min=0, out=temp(ctx, f"add.gain{i}", v)).mul_(inv) if v.shape == inv.shape
                 else v.clamp(min=0) * inv for i, v in enumerate(ctx.inputs)]
@@ -308,17 +321,19 @@ class AbsElementwise(AbsLRP):
 
 
 def _gelu_paper_gain(x: Tensor, y: Tensor, ctx: Optional[NodeContext] = None) -> Tensor:
-    """The paper gain of the exact GELU, ``x gelu'(x) (1 + sign y) / (|y| + eps)``, in few passes.
+    """The paper gain of the exact GELU, ``x gelu'(x) (1 + sign y) / (|y| + eps)``, in few passes,
+    times the constant ``sqrt(2 pi) / 2``, which the paper variant's conservation cancels.
 
-    ``y = x Phi(x)`` is positive exactly where ``x`` is, and there ``x gelu'(x) = y + x^2 phi(x)``:
-    the recorded output replaces the erf, and ``x <= 0`` gives 0 (``x+ = 0`` and ``y+ = 0``).
-    With ``ctx`` the gain is a scratch buffer (valid while the rule runs).
+    ``y = x Phi(x)`` is positive exactly where ``x`` is, and there ``x gelu'(x) = y + x^2 phi(x)``
+    with ``phi(x) = exp(-x^2 / 2) / sqrt(2 pi)``: the recorded output replaces the erf, and
+    ``x <= 0`` gives 0 (``x+ = 0`` and ``y+ = 0``). With ``ctx`` the gain is a scratch buffer
+    (valid while the rule runs).
     """
     q = torch.clamp(x, min=0, out=temp(ctx, "gelu.x2", x))
     q.mul_(q)  # (x+)^2
-    g = torch.mul(q, -0.5, out=temp(ctx, "gelu.gain", x)).exp_().mul_(q).mul_(1 / math.sqrt(2 * math.pi))
+    g = torch.mul(q, -0.5, out=temp(ctx, "gelu.gain", x)).exp_().mul_(q)
     yp = torch.clamp(y, min=0, out=temp(ctx, "gelu.x2", x))  # the (x+)^2 buffer, no longer needed
-    g.add_(yp).mul_(2)
+    g.add_(yp, alpha=math.sqrt(2 * math.pi))
     return g.div_(yp.add_(EPS))
 
 

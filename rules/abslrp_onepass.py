@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Union
 import torch
 from torch import Tensor
 
-from lrpgraph.rule import NodeContext, _ratio, conserve_diagonal, expand_stats, per_sample_rows, temp
+from lrpgraph.rule import NodeContext, _ratio, conserve_diagonal, expand_stats, per_sample_rows, sample_dot, sample_sum, temp
 
 
 def _buffer(ctx: Optional[NodeContext], key: str, like: Tensor, shape) -> Tensor:
@@ -104,8 +104,31 @@ def one_pass_diagonal(rule, ctx: NodeContext, relevance: Tensor) -> list:
     """The one-pass sign split for an element-wise rule whose contribution is ``coefficient * S``
     (softmax, LayerNorm): with the gain ``coefficient / den`` it is :func:`conserve_diagonal`."""
     out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-    out[0] = rule.coefficient(ctx).div_(rule.denominator(ctx))
+    out[0] = rule.gain(ctx)
     return conserve_diagonal(relevance, out, ctx)
 
 
-__all__ = ["block_dots", "joint_dots", "one_pass_diagonal", "one_pass_scale", "one_pass_streams"]
+def one_pass_signed(rule, ctx: NodeContext, relevance: Tensor) -> list:
+    """The sign-split rule for a signed diagonal coefficient ``c`` in one pass: the positive
+    stream ``c S+`` is rescaled to mass ``P`` by its L1 norm ``sum |c| S+``, the negative one
+    likewise, so the result is ``c (a S+ + b S-)`` (what :func:`conserve_signs` computes with two
+    streams). A positive constant factor of ``c`` cancels, so ``rule.gain`` may omit it."""
+    g = rule.gain(ctx)
+    ga = torch.abs(g, out=temp(ctx, "signed.|g|", g))
+    own = ctx.owns_relevance and not torch.is_grad_enabled()
+    rp = torch.clamp(relevance, min=0, out=temp(ctx, "signed.R+", relevance) if own else None)
+    pos = sample_sum(rp)
+    neg = (sample_sum(relevance) - pos).abs()
+    tp = sample_dot(rp, ga)
+    tn = (sample_dot(relevance, ga) - tp).abs()
+    a = expand_stats(_ratio(pos, tp), rp)
+    b = expand_stats(_ratio(neg, tn), rp)
+    out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
+    if own:  # b R + (a - b) R+ = a R+ + b R-, in the handed-over buffer
+        out[0] = relevance.mul_(b).add_(rp.mul_(a - b)).mul_(g)
+    else:
+        out[0] = rp.mul_(a - b).add_(torch.mul(relevance, b, out=temp(ctx, "signed.R*b", relevance))).mul_(g)
+    return out
+
+
+__all__ = ["block_dots", "joint_dots", "one_pass_diagonal", "one_pass_scale", "one_pass_signed", "one_pass_streams"]

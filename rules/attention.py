@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lrpgraph.rule import EPS, NodeContext, _ratio, expand_stats, memo, sample_dot, sample_sum, temp
+from lrpgraph.rule import EPS, NodeContext, memo, temp
 
 from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
+from .abslrp_onepass import one_pass_signed
 from .statistics import activation_slots
 
 MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
@@ -314,7 +315,7 @@ class _CoefficientRule(AbsLRP):
         if self.variant == "paper" and not ctx.report:
             if self.signs == "keep":
                 return one_pass_diagonal(self, ctx, relevance)
-            return _one_pass_signed(self, ctx, relevance)
+            return one_pass_signed(self, ctx, relevance)
         return super().__call__(ctx, relevance)
 
     def contributions(self, ctx, s):
@@ -324,6 +325,11 @@ class _CoefficientRule(AbsLRP):
 
     def coefficient(self, ctx) -> Tensor:
         raise NotImplementedError
+
+    def gain(self, ctx) -> Tensor:
+        """``coefficient / denominator`` up to one positive constant factor, for the one-pass
+        forms of the paper variant: they rescale each sign stream to its mass, which cancels it."""
+        return self.coefficient(ctx).div_(self.denominator(ctx))
 
 
 class AbsSoftmax(_CoefficientRule):
@@ -343,12 +349,26 @@ class AbsSoftmax(_CoefficientRule):
 
     def coefficient(self, ctx) -> Tensor:
         """The contribution per unit ``S``: ``2 |x| h`` / ``2 x h`` (paper), ``x h + |x| h_abs`` (head)."""
+        c = self._paper_half(ctx)
+        return c.mul_(2) if c is not None else self._guarded(ctx)
+
+    def gain(self, ctx) -> Tensor:
+        """``x h / (h + 1e-9)`` (paper, ``signs="flip"``; ``|x|`` for ``"keep"``): half the gain."""
+        c = self._paper_half(ctx)
+        return c.div_(self.denominator(ctx)) if c is not None else super().gain(ctx)
+
+    def _paper_half(self, ctx) -> Optional[Tensor]:
+        """Paper variant without masked (-inf) scores: ``x h`` (``|x| h``), in a scratch buffer.
+        ``None`` otherwise (one reduction instead of the guard's select pass)."""
         x, h = ctx.inputs[0], ctx.output
-        if self.variant == "paper" and x.numel() and bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
-            # no masked (-inf) scores: no guard needed (one reduction instead of a select pass)
-            buf = temp(ctx, "coefficient", x)
-            c = torch.abs(x, out=buf).mul_(h) if self.signs == "keep" else torch.mul(x, h, out=buf)
-            return c.mul_(2)
+        if self.variant != "paper" or not x.numel() or not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+            return None
+        buf = temp(ctx, "coefficient", x)
+        return torch.abs(x, out=buf).mul_(h) if self.signs == "keep" else torch.mul(x, h, out=buf)
+
+    def _guarded(self, ctx) -> Tensor:
+        """The coefficient where entries may be masked: those the softmax gives 0 take nothing."""
+        x, h = ctx.inputs[0], ctx.output
         live = h > 0
         xs = torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))  # -inf * 0 guard
         if self.variant == "paper":
@@ -360,26 +380,6 @@ class AbsSoftmax(_CoefficientRule):
             h_abs = torch.nan_to_num(h_abs, nan=0.0)  # rows masked entirely
             c = xs * h + xs.abs() * h_abs
         return c
-
-
-def _one_pass_signed(rule: _CoefficientRule, ctx: NodeContext, relevance: Tensor) -> list:
-    """The sign-split rule for a signed diagonal coefficient ``c`` in one pass: the positive
-    stream ``c S+`` is rescaled to mass ``P`` by its L1 norm ``sum |c| S+``, the negative one
-    likewise, so the result is ``c (a S+ + b S-)`` (what :func:`conserve_signs` computes with two
-    streams)."""
-    g = rule.coefficient(ctx).div_(rule.denominator(ctx))
-    ga = torch.abs(g, out=temp(ctx, "signed.|g|", g))
-    rp = relevance.clamp(min=0)
-    pos = sample_sum(rp)
-    neg = (sample_sum(relevance) - pos).abs()
-    tp = sample_dot(rp, ga)
-    tn = (sample_dot(relevance, ga) - tp).abs()
-    a = expand_stats(_ratio(pos, tp), rp)
-    b = expand_stats(_ratio(neg, tn), rp)
-    out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
-    rb = torch.mul(relevance, b, out=temp(ctx, "signed.R*b", relevance))
-    out[0] = rp.mul_(a - b).add_(rb).mul_(g)  # (a S+ + b S-) * c / den
-    return out
 
 
 def _product_mass(ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
