@@ -55,10 +55,10 @@ def explain(f: Dict, preset: str, report: bool = True) -> torch.Tensor:
     if f["model"] != "distilbert":
         return lrpgraph.Explainer(f["model_obj"], rules=preset)(f["x"], target=f["target"], report=report).relevance
     from lrpgraph.text import trace_hf
-    ex = lrpgraph.Explainer(trace_hf(f["model_obj"], ["input_ids", "attention_mask"]), rules=preset, output="logits")
-    node = [n.name for n in ex.graph_module.graph.nodes
-            if n.op == "call_module" and n.target.startswith("distilbert.embeddings.")][-1]
-    e = ex(f["x"], target=f["target"], extra_inputs=f["extra"], report=report, keep=[node])
+    gm = trace_hf(f["model_obj"], ["input_ids", "attention_mask"])
+    node = [n.name for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("distilbert.embeddings.")][-1]
+    e = lrpgraph.Explainer(gm, rules=preset, output="logits")(f["x"], target=f["target"], extra_inputs=f["extra"],
+                                                            report=report, keep=[node])
     latent = e.latent[node]
     if latent.shape[0] != 1:
         raise RuntimeError(f"expected one relevance pass with {preset!r}, got {latent.shape[0]}")
