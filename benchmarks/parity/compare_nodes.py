@@ -10,7 +10,8 @@ Two steps, because the reference runs in its own virtual environment (see README
     python benchmarks/parity/compare_nodes.py compare /tmp/vit-paper.trace
 
 Matching is by value (same shape, equal numbers), so no table of names is needed; modules whose
-output is a copy of another's (wrappers, Dropout) match the same node.
+output is a copy of another's (wrappers, Dropout) match the same node. The reference gets the
+deliberate deviations that make_fixtures.py applies (Dropout pass-through, DistilBERT fan-out sums).
 """
 from __future__ import annotations
 
@@ -36,11 +37,13 @@ def dump(a) -> None:
     outputs, relevance, order = {}, {}, []
     kind = models.SPECS[a.model]["kind"]
     model = models.build(a.model, timm, a.seed)
-    x = models.inputs(a.seed)[a.sample:a.sample + 1]
+    x = _inputs(a.model, a.seed, a.sample)
     if a.era == "paper":
         from ramp_gae.ramp import models as ramp
-        model = {"vit": ramp.TimmVisionTransformer, "resnet": ramp.TimmResNet, "vgg": ramp.TimmVGG16}[kind](model)
+        model = {"vit": ramp.TimmVisionTransformer, "resnet": ramp.TimmResNet, "vgg": ramp.TimmVGG16,
+                 "distilbert": ramp.RAMPDistilBertForSequenceClassification}[kind](model)
         model = model.double().eval()
+        torch.set_default_dtype(torch.float64)  # the DistilBERT mask fill (see make_fixtures.py)
         method = "backward_prel"
     else:
         mf_model = model
@@ -70,10 +73,9 @@ def dump(a) -> None:
         for name, m in mods.items():
             if hasattr(m, method):
                 patch(name, m)
-        xi = x.clone().requires_grad_(True)
-        o = model(xi)
+        o = model(*x) if kind == "distilbert" else model(x.clone().requires_grad_(True))
         t = o.argmax(-1)
-        model.backward_prel(mf.start_signed(o.detach(), t), "intline")
+        model.backward_prel(mf.start_signed(o.detach(), t), mf.FanOutSum("intline") if kind == "distilbert" else "intline")
     else:
         from torch import nn
         from abslrp_gae.abslrp.relevancy_methods import AbsLRPRelevancyMethod
@@ -98,6 +100,13 @@ def dump(a) -> None:
     print(f"{a.out}: {len(relevance)} modules with relevance")
 
 
+def _inputs(name: str, seed: int, sample: int):
+    """One sample's input: an image batch ``(1, 3, 32, 32)`` or, for DistilBERT, ``(ids, mask)``."""
+    if models.SPECS[name]["kind"] == "distilbert":
+        return tuple(t[sample:sample + 1] for t in models.token_inputs(seed))
+    return models.inputs(seed)[sample:sample + 1]
+
+
 def _unit(t: torch.Tensor) -> torch.Tensor:
     t = t.double().flatten()
     return t / (t.abs().sum() + 1e-30)
@@ -111,8 +120,13 @@ def compare(a) -> None:
     tr = torch.load(a.trace)
     preset = "abslrp" if tr["era"] == "paper" else "abslrp-renorm"
     model = models.build(tr["model"], import_timm(), tr["seed"])
-    x = models.inputs(tr["seed"])[tr["sample"]:tr["sample"] + 1]
-    ex = lrpgraph.Explainer(model, rules=preset)
+    x = _inputs(tr["model"], tr["seed"], tr["sample"])
+    if isinstance(x, tuple):  # token ids and mask: the Hugging Face model, captured by export
+        from lrpgraph.text import trace_hf
+        model, output, (x, *extra) = trace_hf(model, ["input_ids", "attention_mask"]), "logits", x
+    else:
+        output, extra = None, []
+    ex = lrpgraph.Explainer(model, rules=preset, output=output)
     values = {}
 
     class Rec(fx.Interpreter):
@@ -123,8 +137,8 @@ def compare(a) -> None:
             return v
 
     with torch.no_grad():
-        Rec(ex.graph_module).run(x)
-    e = ex(x, target=tr["target"], keep=list(values))
+        Rec(ex.graph_module).run(x, *extra)
+    e = ex(x, target=tr["target"], extra_inputs=extra, keep=list(values))
     seen, first = set(), None
     print(f"{'reference module':40s} {'lrpgraph node':28s} pass  cosine   ref[:3] / ours[:3] (unit L1)")
     for name in tr["order"]:
@@ -134,7 +148,8 @@ def compare(a) -> None:
         out = tr["outputs"].get(name)
         if out is None:
             continue
-        match = [n for n, v in values.items() if v.shape == out.shape and torch.allclose(v, out, atol=1e-10)
+        match = [n for n, v in values.items() if v.shape == out.shape and v.dtype == out.dtype
+                 and torch.allclose(v, out, atol=1e-10)
                  and n in e.latent]
         if not match:
             print(f"{name:40s} {'(no node with this value)':28s}")

@@ -3,13 +3,15 @@
 The same recipe builds each model under timm 0.4.12 (the paper-era reference), timm 1.0.11
 (the current reference) and the timm of this repository, so that all three see identical
 weights: every floating-point entry of the state dict is drawn from its own generator, seeded
-from the fixture seed and the entry's name. Nothing here depends on lrpgraph.
+from the fixture seed and the entry's name. The DistilBERT classifier is built the same way with
+transformers 4.26.1 (paper-era reference) and this repository's transformers: their state dicts
+have the same names. Nothing here depends on lrpgraph.
 """
 from __future__ import annotations
 
 import math
 import zlib
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
@@ -21,16 +23,24 @@ SPECS: Dict[str, dict] = {
     "resnet_basic": dict(kind="resnet", block="basic", layers=[1, 1]),
     "resnet_bottleneck": dict(kind="resnet", block="bottleneck", layers=[2, 1]),
     "vgg": dict(kind="vgg", channels=[8, "M", 16, "M"]),
+    "distilbert": dict(kind="distilbert", vocab_size=100, dim=32, n_heads=2, hidden_dim=64, n_layers=2,
+                       max_position_embeddings=32, num_labels=3),
 }
 NUM_CLASSES = 10
+#: models with a reference in one era only (the current code has no DistilBERT rule set)
+ERAS = {"distilbert": ("paper",)}
 
 
 def build(name: str, timm, seed: int = 0) -> nn.Module:
     """The model ``name`` of :data:`SPECS` built with the given ``timm`` module, weights from
-    :func:`init_weights`, in eval mode and float64."""
+    :func:`init_weights`, in eval mode and float64. DistilBERT comes from transformers (import
+    timm first where torchvision needs the CPU shim: transformers imports it too)."""
     spec = dict(SPECS[name])
     kind = spec.pop("kind")
-    if kind == "vit":
+    if kind == "distilbert":
+        from transformers import DistilBertConfig, DistilBertForSequenceClassification
+        model = DistilBertForSequenceClassification(DistilBertConfig(**spec))
+    elif kind == "vit":
         from timm.models.vision_transformer import VisionTransformer
         model = VisionTransformer(num_classes=NUM_CLASSES, qkv_bias=True, **spec)
     elif kind == "resnet":
@@ -107,3 +117,13 @@ def inputs(seed: int, n: int = 2) -> torch.Tensor:
     """``n`` deterministic float64 images ``(n, 3, 32, 32)``."""
     g = torch.Generator().manual_seed(seed + 12345)
     return torch.randn((n, 3, 32, 32), generator=g, dtype=torch.float64)
+
+
+def token_inputs(seed: int, n: int = 3, length: int = 8) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``n`` deterministic token sequences: ids ``(n, length)`` (1..vocab-1, padding id 0) and
+    their attention mask; the second sequence ends in 3 padding tokens (mask 0)."""
+    g = torch.Generator().manual_seed(seed + 54321)
+    ids = torch.randint(1, SPECS["distilbert"]["vocab_size"], (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[1, length - 3:] = 0
+    return ids * mask, mask
