@@ -350,8 +350,9 @@ def conserve_diagonal(relevance: Tensor, gains: Sequence[Optional[Tensor]], ctx:
     tn = (sum(sample_dot(relevance, g) for g in live) - tp).abs()
     a = expand_stats(_ratio(pos_mass, tp), rp)
     b = expand_stats(_ratio(neg_mass, tn), rp)
-    if own:  # b R + (a - b) R+ = a R+ + b R-, in the handed-over buffer
-        scaled = relevance.mul_(b).add_(rp.mul_(a - b))
+    if own:  # b R + (a - b) R+ = a R+ + b R-, in the handed-over buffer (no residue where
+        # the two terms cancel: a = 0 only where R+ = 0 or every gain on R+ is 0)
+        scaled = relevance.mul_(b).addcmul_(rp, a - b)
     else:
         scaled = rp.mul_(a - b).addcmul_(relevance, b)
     last = max(i for i, g in enumerate(gains) if g is not None)

@@ -125,9 +125,9 @@ def one_pass_signed(rule, ctx: NodeContext, relevance: Tensor) -> list:
     b = expand_stats(_ratio(neg, tn), rp)
     out: List[Optional[Tensor]] = [None] * len(ctx.inputs)
     if own:  # b R + (a - b) R+ = a R+ + b R-, in the handed-over buffer
-        out[0] = relevance.mul_(b).add_(rp.mul_(a - b)).mul_(g)
+        out[0] = relevance.mul_(b).addcmul_(rp, a - b).mul_(g)
     else:
-        out[0] = rp.mul_(a - b).add_(torch.mul(relevance, b, out=temp(ctx, "signed.R*b", relevance))).mul_(g)
+        out[0] = rp.mul_(a - b).addcmul_(relevance, b).mul_(g)
     return out
 
 

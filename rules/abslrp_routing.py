@@ -116,7 +116,7 @@ class AbsRouting(AbsLRP):
         fast_path = self.variant == "paper" and not ctx.report and isinstance(r, Tensor)
         g = _gain(h, temp(ctx, "abs_routing.gain", h), scale=1) if fast_path else _gain(h)
         if fast_path:
-            fast = _weigh_one(r, g, temp(ctx, "abs_routing.R*b", r))
+            fast = _weigh_one(r, g)
             if fast is not None:
                 return fast
         return self._weigh([g], [r])[0]
@@ -165,14 +165,12 @@ def _one_slot_fast(ctx: NodeContext, routed: list) -> Optional[list]:
     i = live[0]
     out: list = [None] * len(routed)
     x = ctx.inputs[i]
-    out[i] = _weigh_one(routed[i], _gain(x, temp(ctx, "abs_routing.gain", x), scale=1),
-                        temp(ctx, "abs_routing.R*b", routed[i]))
+    out[i] = _weigh_one(routed[i], _gain(x, temp(ctx, "abs_routing.gain", x), scale=1))
     return None if out[i] is None else out
 
 
-def _weigh_one(r: Tensor, g: Tensor, buf: Optional[Tensor] = None) -> Optional[Tensor]:
-    """``g (a r+ + b r-)`` with each sign's mass conserved; ``None`` if a stream is lost.
-    ``buf``: a scratch buffer shaped like ``r`` for a temporary."""
+def _weigh_one(r: Tensor, g: Tensor) -> Optional[Tensor]:
+    """``g (a r+ + b r-)`` with each sign's mass conserved; ``None`` if a stream is lost."""
     rp = r.clamp(min=0)
     pos, tot = sample_sum(rp), sample_sum(r)
     tp, tt = sample_dot(rp, g), sample_dot(r, g)
@@ -180,7 +178,7 @@ def _weigh_one(r: Tensor, g: Tensor, buf: Optional[Tensor] = None) -> Optional[T
         return None
     a = expand_stats(_ratio(pos, tp), r)
     b = expand_stats(_ratio((tot - pos).abs(), (tt - tp).abs()), r)
-    return rp.mul_(a - b).add_(torch.mul(r, b, out=buf)).mul_(g)  # g (a r+ + b r-)
+    return rp.mul_(a - b).addcmul_(r, b).mul_(g)  # g (a r+ + b r-)
 
 
 def _t(v) -> Tensor:

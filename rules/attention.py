@@ -70,13 +70,17 @@ def matmul_contributions(a: Tensor, b: Tensor, s: Tensor, want_a: bool = True, w
     """
     a_pos, b_pos, abs_a, abs_b = _operand_facts(a, b, ctx)
     a, b, s, sq_a, sq_b = _promote(a, b, s)
+    # with one operand non-negative the twin terms merge: a s b^T + |a| s |b|^T = a s (2 b+)^T
+    # (a >= 0); 2 b+ once per call, contiguous, so neither product copies it
+    twice_pos = (lambda t, key: t.clamp(min=0).mul_(2) if ctx is None else  # noqa: E731
+                 memo(ctx, key, lambda: torch.clamp(t, min=0, out=temp(ctx, "product." + key, t)).mul_(2)))
     ra = rb = None
     if want_a:
         bt = b.transpose(-1, -2)
         if a_pos:
-            ra = (s @ bt.clamp(min=0)).mul_(a).mul_(2)
+            ra = (s @ twice_pos(b, "2b+").transpose(-1, -2)).mul_(a)
         elif b_pos:
-            ra = (s @ bt).mul_(a.clamp(min=0)).mul_(2)
+            ra = (s @ bt).mul_(twice_pos(a, "2a+"))
         else:  # each matmul result is a new tensor: accumulate in place (no fused addcmul, see AbsAffine)
             ra = (s @ bt).mul_(a).add_((s @ _promote_like(abs_b(), b).transpose(-1, -2)).mul_(_promote_like(abs_a(), a)))
         if sq_a:
@@ -84,9 +88,9 @@ def matmul_contributions(a: Tensor, b: Tensor, s: Tensor, want_a: bool = True, w
     if want_b:
         at = a.transpose(-1, -2)
         if b_pos:
-            rb = (at.clamp(min=0) @ s).mul_(b).mul_(2)
+            rb = (twice_pos(a, "2a+").transpose(-1, -2) @ s).mul_(b)
         elif a_pos:
-            rb = (at @ s).mul_(b.clamp(min=0)).mul_(2)
+            rb = (at @ s).mul_(twice_pos(b, "2b+"))
         else:
             rb = (at @ s).mul_(b).add_((_promote_like(abs_a(), a).transpose(-1, -2) @ s).mul_(_promote_like(abs_b(), b)))
         if sq_b:
