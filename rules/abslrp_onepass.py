@@ -66,19 +66,23 @@ def one_pass_streams(rule, ctx: NodeContext, relevance: Tensor):
 
 
 def one_pass_scale(relevance: Tensor, column_mass: Union[Tensor, Callable[[Tensor], Tensor]],
-                   den: Union[Tensor, Callable[[Tensor], Tensor]], ctx: Optional[NodeContext] = None) -> Tensor:
+                   den: Union[Tensor, Callable[[Tensor], Tensor]], ctx: Optional[NodeContext] = None,
+                   mass_scale: float = 1.0) -> Tensor:
     """``a S+ + b S-`` with ``S = relevance / den`` (see the module doc).
 
     ``column_mass`` and ``den`` are shaped like ``relevance`` without the K axis; each may be a
     function that writes it into the buffer it is given (so that both lie side by side, see
-    :func:`joint_dots`, without a copy). With ``ctx`` the result is a scratch buffer of the walk
-    (valid while the rule runs).
+    :func:`joint_dots`, without a copy). ``mass_scale``: the true column mass is this multiple of
+    ``column_mass`` (a product of two activations: both operands' shares; no pass to scale it).
+    With ``ctx`` the result is a scratch buffer of the walk (valid while the rule runs).
     """
     joint = _buffer(ctx, "one-pass.den|C", relevance, (2,) + tuple(relevance.shape[1:]))
     d = _into(den, joint[0])
     streams = _streams(ctx, relevance, d)
     _into(column_mass, joint[1])
     dots = joint_dots(streams, joint)  # [S+, S] x [den, C]; R+ = S+ * den: no clamped copy of R
+    if mass_scale != 1:
+        dots[:, 1] *= mass_scale
     p, mp = dots[0, 0], dots[0, 1]
     a = expand_stats(_ratio(p, mp), relevance)
     b = expand_stats(_ratio((dots[1, 0] - p).abs(), (dots[1, 1] - mp).abs()), relevance)

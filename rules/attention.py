@@ -19,8 +19,7 @@ See ``docs/abslrp.md`` for the method and the choices.
 from __future__ import annotations
 
 import operator
-import string
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import Any, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +29,7 @@ from lrpgraph.rule import EPS, NodeContext, memo, temp
 
 from .abslrp import AbsLRP, AbsScale, _nonneg, one_pass_diagonal, one_pass_scale
 from .abslrp_onepass import one_pass_signed
+from .einsum import _parse_einsum, einsum_contributions  # noqa: F401  (re-exported)
 from .statistics import activation_slots
 
 MATMULS = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
@@ -112,50 +112,6 @@ def _promote_like(t: Tensor, promoted: Tensor) -> Tensor:
     return t.reshape(promoted.shape) if t.dim() != promoted.dim() else t
 
 
-def _parse_einsum(eq: str, operands: Sequence[Tensor]):
-    """Subscripts of each operand and of the output, ellipses expanded; a free letter for K."""
-    eq = eq.replace(" ", "")
-    lhs, _, rhs = eq.partition("->")
-    ins = lhs.split(",")
-    used = set(c for c in eq if c.isalpha())
-    free = [c for c in string.ascii_letters if c not in used]
-    ell_rank = max((t.dim() - len(s.replace("...", "")) for s, t in zip(ins, operands) if "..." in s), default=0)
-    ell = "".join(free[:ell_rank])
-    free = free[ell_rank:]
-
-    def expand(sub: str, rank: Optional[int]) -> str:
-        if "..." not in sub:
-            return sub
-        n = (rank - len(sub.replace("...", ""))) if rank is not None else ell_rank
-        return sub.replace("...", ell[ell_rank - n:] if n else "")
-
-    ins = [expand(s, t.dim()) for s, t in zip(ins, operands)]
-    if "->" in eq:
-        out = expand(rhs, None)
-    else:
-        letters = "".join(ins)
-        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
-    for s in ins:
-        if len(set(s)) != len(s):
-            raise NotImplementedError(f"einsum {eq!r}: a repeated index within one operand (a diagonal) "
-                                      "is not supported")
-    return ins, out, free[0]
-
-
-def einsum_contributions(eq: str, a: Tensor, b: Tensor, s: Tensor, want_a=True, want_b=True):
-    """The product rule for ``h = einsum(eq, a, b)``: ``z = a * b`` over every index combination,
-    ``r_a = sum over the rest of (z + |z|) * S`` (a literal einsum with a and b as operands)."""
-    (sa, sb), so, k = _parse_einsum(eq, (a, b))
-    ra = rb = None
-    if want_a:
-        spec = f"{k}{so},{sa},{sb}->{k}{sa}"
-        ra = torch.einsum(spec, s, a, b) + torch.einsum(spec, s, a.abs(), b.abs())
-    if want_b:
-        spec = f"{k}{so},{sa},{sb}->{k}{sb}"
-        rb = torch.einsum(spec, s, a, b) + torch.einsum(spec, s, a.abs(), b.abs())
-    return ra, rb
-
-
 def _operands(ctx: NodeContext):
     """(einsum equation or None, a, b) of a two-operand product node."""
     if ctx.target is torch.einsum:
@@ -210,8 +166,9 @@ class AbsProduct(AbsLRP):
 
     def __call__(self, ctx, relevance):
         if self.variant == "paper" and not ctx.report:
+            p = _product(ctx)  # each activation operand's contributions add up to the mass below
             scaled = one_pass_scale(relevance, lambda buf: _product_mass(ctx, buf),
-                                    lambda buf: self.denominator(ctx, buf), ctx)
+                                    lambda buf: self.denominator(ctx, buf), ctx, mass_scale=int(p.want_a) + int(p.want_b))
             return self.contributions(ctx, scaled)
         return super().__call__(ctx, relevance)
 
@@ -387,12 +344,11 @@ class AbsSoftmax(_CoefficientRule):
 
 
 def _product_mass(ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
-    """The column mass of a product: the total contribution into each output, summed over the
-    activation operands (``n (h + |a| |b|)`` for a bilinear product of ``n`` activations); a matmul
-    writes it into ``out`` when given (a free buffer shaped like the output)."""
+    """The column mass of a product per activation operand: the total contribution of one operand
+    into each output, ``h + |a| |b|`` (for ``n`` activation operands the total is ``n`` times it);
+    a matmul writes it into ``out`` when given (a free buffer shaped like the output)."""
     p = _product(ctx)
     eq, a, b = p.eq, p.a, p.b
-    n = int(p.want_a) + int(p.want_b)
     h = ctx.output
     if eq is not None:
         habs = torch.einsum(eq, a.abs(), b.abs())
@@ -400,8 +356,8 @@ def _product_mass(ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
         a_pos, b_pos, abs_a, abs_b = _operand_facts(a, b, ctx)
         left, right = (a if a_pos else abs_a()), (b if b_pos else abs_b())
         if out is not None and not torch.is_grad_enabled() and out.shape == h.shape and a.dim() > 1 and b.dim() > 1:
-            return torch.matmul(left, right, out=out).add_(h).mul_(n)
+            return torch.matmul(left, right, out=out).add_(h)  # (baddbmm measured slower: it copies h first)
         habs = torch.matmul(left, right)
     else:
         habs = (a * b).abs()
-    return torch.add(h, habs).mul_(n)
+    return torch.add(h, habs)
