@@ -4,7 +4,8 @@ For each preset, the time of one explained batch (trace excluded: an Explainer i
 divided by the time of a plain forward plus input-gradient backward of the same model and batch
 (weights frozen). Calls are interleaved round by round and the median is taken, so a noisy
 shared machine affects both sides alike. Peak memory: CUDA's max_memory_allocated on a GPU; on
-the CPU the process's peak resident set (VmHWM, reset before each measurement).
+the CPU the process's peak resident set (VmHWM, reset before each measurement). Page faults: the
+process's minor page faults during one call (median), i.e. fresh memory touched for the first time.
 
 ``--allocator`` (CPU): ``default`` leaves glibc's malloc as it is; ``retain`` calls
 :func:`lrpgraph.memory.retain_freed_memory` first, so that freed memory is reused instead of being
@@ -59,6 +60,15 @@ def _peak_mb(device: torch.device) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -144,20 +154,24 @@ def main(argv: Optional[List[str]] = None, p: Optional[argparse.ArgumentParser] 
         ex = lrpgraph.Explainer(model, rules=name)
         calls[name] = (lambda ex=ex: ex(x, report=a.report).relevance)
     times: Dict[str, List[float]] = {k: [] for k in calls}
+    faults: Dict[str, List[int]] = {k: [] for k in calls}
     peaks: Dict[str, float] = {}
     for rnd in range(a.repeats + 1):  # round 0 warms up
         for name, fn in calls.items():
+            f0 = _minor_faults()
             dt = timed(fn, device)
             if rnd > 0:
                 times[name].append(dt)
+                faults[name].append(_minor_faults() - f0)
                 peaks[name] = max(peaks.get(name, 0.0), _peak_mb(device))
     base = statistics.median(times["gradient"])
     print(f"model {a.model}, batch {a.batch}, {a.size}x{a.size}, device {device}, threads {a.threads}, "
           f"torch {torch.__version__}, allocator {a.allocator}, median of {a.repeats} interleaved rounds")
-    print(f"{'method':<18} {'s/batch':>9} {'x gradient':>11} {'peak MB':>9}")
+    print(f"{'method':<18} {'s/batch':>9} {'x gradient':>11} {'peak MB':>9} {'page faults':>12}")
     for name in calls:
         med = statistics.median(times[name])
-        print(f"{name:<18} {med:>9.3f} {med / base:>11.2f} {peaks.get(name, float('nan')):>9.0f}")
+        print(f"{name:<18} {med:>9.3f} {med / base:>11.2f} {peaks.get(name, float('nan')):>9.0f} "
+              f"{int(statistics.median(faults[name])):>12}")
     print("every round (s):", "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
     return 0
 
