@@ -171,6 +171,8 @@ def _one_slot_fast(ctx: NodeContext, routed: list) -> Optional[list]:
 
 def _weigh_one(r: Tensor, g: Tensor) -> Optional[Tensor]:
     """``g (a r+ + b r-)`` with each sign's mass conserved; ``None`` if a stream is lost."""
+    if not r.is_contiguous() and g.is_contiguous():  # routed back as a view (a transpose): one
+        r = r.contiguous()  # copy here instead of one in each per-sample dot below
     rp = r.clamp(min=0)
     pos, tot = sample_sum(rp), sample_sum(r)
     tp, tt = sample_dot(rp, g), sample_dot(r, g)
