@@ -85,6 +85,11 @@ class NodeContext:
     node: Any = None
     plan: Any = None
     rec: Any = None
+    #: the batch axis of each input's value and of the output's (a tuple for a tuple value; None
+    #: where unknown or absent), from the walk's batch-axis probe: for rules that weigh a tensor
+    #: whose batch is not its first axis, as ``(3, B, heads, N, d)`` q/k/v stacks
+    input_axes: list = field(default_factory=list)
+    output_axis: Any = None
 
     def describe(self) -> str:
         """A short human description: ``node `x` (torch.roll)``, plus the module that ran it."""

@@ -39,7 +39,7 @@ def _add(a: Relevance, b: Relevance) -> Relevance:
 
 
 def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool = True,
-             scratch: Optional[Scratch] = None) -> NodeContext:
+             scratch: Optional[Scratch] = None, axes: Optional[Dict[fx.Node, Any]] = None) -> NodeContext:
     vals, shapes = rec.values, rec.shapes
     get = lambda n: vals.get(n)  # noqa: E731
     slots = plan.slots[node]
@@ -51,6 +51,8 @@ def _context(plan: Plan, rec: Recording, node: fx.Node, rule: Rule, report: bool
         is_parameter=[s.op == "get_attr" or s not in plan.live for s in slots], options=plan.options.get(node, {}),
         report=report, scratch=scratch, module_path=node.meta.get("lrp_module"),
         node=node, plan=plan, rec=rec,
+        input_axes=[axes.get(s) for s in slots] if axes else [None] * len(slots),
+        output_axis=axes.get(node) if axes else None,
     )
 
 
@@ -105,7 +107,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             absorbed[node.name] = r
             continue
         scratch.step()
-        ctx = _context(plan, rec, node, rule, report, scratch)
+        ctx = _context(plan, rec, node, rule, report, scratch, axes)
         r = _in_node_dtype(r, ctx)
         # hand the relevance over when nothing else refers to it (not the report, not `keep`, not
         # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it

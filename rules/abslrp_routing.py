@@ -75,9 +75,10 @@ class AbsRouting(AbsLRP):
         if isinstance(relevance, list) and isinstance(ctx.output, (tuple, list)):
             # a split into several tensors (unbind, chunk): each piece is a tensor of its own
             # (q, k, v), weighed and conserved on its own before the exact routing
+            axes = ctx.output_axis if isinstance(ctx.output_axis, (tuple, list)) else [None] * len(ctx.output)
             pieces = [r if r is None or not isinstance(h, Tensor) or not h.is_floating_point()
                       or self._piece_on_positive(ctx, i) else
-                      self._piece(ctx, r, h) for i, (r, h) in enumerate(zip(relevance, ctx.output))]
+                      self._piece(ctx, r, h, axes[i]) for i, (r, h) in enumerate(zip(relevance, ctx.output))]
             if ctx.node is not None and self.variant == "paper":
                 ctx.node.meta[_ON_POSITIVE] = True
             return self.inner(ctx, pieces)
@@ -90,13 +91,19 @@ class AbsRouting(AbsLRP):
         routed = list(self.inner(ctx, relevance))  # Split where copies were summed (expand)
         # a pad's constant entries: their share stays with the constant (absorbed), as a parameter's
         extra = [routed.pop()] if routed and isinstance(routed[-1], Absorbed) else []
+        # the paper variant conserves per sample: an input whose batch is not its first axis (a
+        # (2, B, heads, N, d) q/k stack) is weighed with its batch axis moved to the front
+        axes = [_axis(a) if self.variant == "paper" else 0 for a in (ctx.input_axes or [None] * len(routed))]
+        routed = [_front(r, a) for r, a in zip(routed, axes)]
+        xs = [x.movedim(a, 0) if a and isinstance(x, Tensor) else x for x, a in zip(ctx.inputs, axes)]
+        out = None
         if self.variant == "paper" and not ctx.report:
-            fast = _one_slot_fast(ctx, routed)
-            if fast is not None:
-                return list(fast) + extra
-        gains = [None if r is None or c or not isinstance(x, Tensor) else _gain(x)
-                 for r, x, c in zip(routed, ctx.inputs, ctx.is_parameter)]
-        return self._weigh(gains, routed) + extra
+            out = _one_slot_fast(ctx, routed, xs)
+        if out is None:
+            gains = [None if r is None or c or not isinstance(x, Tensor) else _gain(x)
+                     for r, x, c in zip(routed, xs, ctx.is_parameter)]
+            out = self._weigh(gains, routed)
+        return [_front(o, a, back=True) for o, a in zip(out, axes)] + extra
 
     def _piece_on_positive(self, ctx: NodeContext, i: int) -> bool:
         """Fast path, paper: whether piece ``i``'s relevance already lies on its positive entries
@@ -112,14 +119,15 @@ class AbsRouting(AbsLRP):
         mine = [u for u in users if u.args[1] % len(ctx.output) == i]
         return bool(mine) and all(_users_on_positive(u, plan) for u in mine)
 
-    def _piece(self, ctx: NodeContext, r, h: Tensor):
+    def _piece(self, ctx: NodeContext, r, h: Tensor, axis=None):
+        """One piece ``h`` of a split and its relevance ``r``, weighed per sample (``axis``: the
+        piece's batch axis, moved to the front for the weighing in the paper variant)."""
+        a = _axis(axis) if self.variant == "paper" else 0
+        r, h = _front(r, a), (h.movedim(a, 0) if a else h)
         fast_path = self.variant == "paper" and not ctx.report and isinstance(r, Tensor)
         g = _gain(h, temp(ctx, "abs_routing.gain", h), scale=1) if fast_path else _gain(h)
-        if fast_path:
-            fast = _weigh_one(r, g)
-            if fast is not None:
-                return fast
-        return self._weigh([g], [r])[0]
+        out = _weigh_one(r, g) if fast_path else None
+        return _front(out if out is not None else self._weigh([g], [r])[0], a, back=True)
 
     def _weigh(self, gains: list, routed: list) -> list:
         """``gain * relevance`` per slot; paper: each sign's mass (of everything routed,
@@ -155,16 +163,17 @@ class AbsRouting(AbsLRP):
         return out
 
 
-def _one_slot_fast(ctx: NodeContext, routed: list) -> Optional[list]:
+def _one_slot_fast(ctx: NodeContext, routed: list, xs: list) -> Optional[list]:
     """The paper rule for one activation slot and a plain routed tensor, in few passes
     (:func:`conserve_diagonal` with the gain); ``None`` when a stream meets no positive entry
-    (the general path then routes that stream exactly) or the node has several slots."""
+    (the general path then routes that stream exactly) or the node has several slots.
+    ``xs``: the inputs' values, batch axis first."""
     live = [i for i, r in enumerate(routed) if r is not None]
     if len(live) != 1 or ctx.is_parameter[live[0]] or not isinstance(routed[live[0]], Tensor):
         return None
     i = live[0]
     out: list = [None] * len(routed)
-    x = ctx.inputs[i]
+    x = xs[i]
     out[i] = _weigh_one(routed[i], _gain(x, temp(ctx, "abs_routing.gain", x), scale=1))
     return None if out[i] is None else out
 
@@ -181,6 +190,21 @@ def _weigh_one(r: Tensor, g: Tensor) -> Optional[Tensor]:
     a = expand_stats(_ratio(pos, tp), r)
     b = expand_stats(_ratio((tot - pos).abs(), (tt - tp).abs()), r)
     return rp.mul_(a - b).addcmul_(r, b).mul_(g)  # g (a r+ + b r-)
+
+
+def _axis(a) -> int:
+    """The batch axis from the walk's probe as an int: 0 where it is unknown, absent or a tuple."""
+    return a if isinstance(a, int) and a > 0 else 0
+
+
+def _front(r, axis: int, back: bool = False):
+    """A relevance ``(K, ...)`` of a value whose batch axis is ``axis``, as a view with that axis
+    at dim 1 (``back``: the inverse); ``None`` and ``axis == 0`` pass unchanged."""
+    if r is None or not axis:
+        return r
+    if isinstance(r, Split):
+        return r.map(lambda t: _front(t, axis, back))
+    return r.movedim(1, axis + 1) if back else r.movedim(axis + 1, 1)
 
 
 def _t(v) -> Tensor:
