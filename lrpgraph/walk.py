@@ -113,6 +113,8 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         # another node: 2 = this frame's name + getrefcount's argument), so rules may reuse it
         ctx.owns_relevance = (not report and isinstance(r, Tensor) and r._base is None
                               and not (keep is not None and node.name in keep) and sys.getrefcount(r) == 2)
+        if getattr(rule, "per_sample", False):
+            _check_batch_first(ctx, rule)
         slots = plan.slots[node]
         per_sample = _sample_rows(node, slots, rec, axes, B)
         token = SAMPLE_ROWS.set(per_sample)  # the rules' sums per sample, not per window
@@ -162,7 +164,8 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             sent = relevance_stats(o, B, axes.get(s)) if report else None
             if rule.renormalise and isinstance(o, Tensor):
                 token = SAMPLE_ROWS.set(per_sample)  # unit mass per sample, too
-                o = unit_l1(o)
+                a = axes.get(s)  # per sample also where the batch is not the first axis
+                o = unit_l1(o.movedim(a + 1, 1)).movedim(1, a + 1) if isinstance(a, int) and a > 0 else unit_l1(o)
                 SAMPLE_ROWS.reset(token)
             if sent is not None:
                 st = sent if not rule.renormalise else relevance_stats(o, B, axes.get(s))
@@ -175,6 +178,25 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
         out = raw = o = pos = r = None  # drop this node's references, so the next nodes own their relevance
     inputs = [rel.pop(p, None) for p in plan.placeholders]
     return {"inputs": inputs, "balance": rows, "absorbed": absorbed, "kept": kept, "edges": edges}
+
+
+def _check_batch_first(ctx: NodeContext, rule: Rule) -> None:
+    """A conserving rule sums each sample's relevance over all axes but the batch's, which it
+    takes to be the first: where the output or an activation input has its batch on another axis
+    (a sequence-first ``(N, B, C)`` layout) it would conserve per position instead, mixing the
+    samples of a batch without a sign. Refuse such a node, naming it."""
+    seen = [("output", ctx.output_axis, ctx.output)]
+    seen += [(f"input {i}", a, v) for i, (a, v, c) in enumerate(zip(ctx.input_axes, ctx.inputs, ctx.is_parameter))
+             if not c]
+    for what, axis, value in seen:
+        if isinstance(axis, int) and axis > 0 and isinstance(value, Tensor):
+            raise RuleError(
+                f"rule {rule.name} at {ctx.describe()}: its {what} {tuple(value.shape)} has the batch on "
+                f"axis {axis}, not first (a sequence-first layout such as (N, B, C)). This rule conserves "
+                "relevance per sample and takes the batch to be the first axis, so it would mix the "
+                "samples of a batch here. Put the batch first in the model (batch_first=True for "
+                "nn.MultiheadAttention and nn.TransformerEncoderLayer), or use abslrp-renorm or a classic "
+                "preset (lrp-epsilon), which handle this layout")
 
 
 def _in_node_dtype(r: Any, ctx: NodeContext) -> Any:

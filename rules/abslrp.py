@@ -61,6 +61,12 @@ class AbsLRP(Rule):
     def name(self) -> str:
         return f"{self.kind}[{self.variant}]"
 
+    @property
+    def per_sample(self) -> bool:
+        """The paper variant conserves each sample's sign masses with sums that take the batch to
+        be the first axis; the walker refuses a node whose tensors have it elsewhere."""
+        return self.variant == "paper"
+
     def denominator(self, ctx: NodeContext, out: Optional[Tensor] = None) -> Tensor:
         """``|h| + 1e-9``, in ``out`` or a scratch buffer (valid while the rule runs)."""
         return torch.abs(ctx.output, out=out if out is not None else temp(ctx, "den", ctx.output)).add_(EPS)

@@ -56,6 +56,7 @@ class AbsRouting(AbsLRP):
 
     kind = "abslrp.routing"
     signs_known = True
+    per_sample = False  # it moves each weighed value's batch axis to the front itself
 
     def __init__(self, inner: Structural, variant: str = "paper"):
         super().__init__(variant)

@@ -363,6 +363,11 @@ def _mean_affine(ctx, dim, keepdim):
                                   "samples; take the mean over the feature dims only")
     dims = sorted(d % nd for d in ((dim,) if isinstance(dim, int) else dim))
     if 0 in dims:
+        axis = ctx.input_axes[0] if ctx.input_axes else None
+        if isinstance(axis, int) and axis > 0:  # a sequence-first layout: dim 0 is not the batch
+            raise NotImplementedError(f"{ctx.describe()}: a mean over dim 0 of a value whose batch is on "
+                                      f"axis {axis} (a sequence-first layout); the rules take the batch to be "
+                                      "the first axis: put the batch first in the model (batch_first=True)")
         raise NotImplementedError(f"{ctx.describe()}: a mean over the batch dim mixes samples")
     ref = ctx.output if isinstance(ctx.output, Tensor) else ctx.inputs[0]
     mats = [torch.full((1, x_shape[d]), 1.0 / x_shape[d], dtype=ref.dtype, device=ref.device) for d in dims]

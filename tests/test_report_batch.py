@@ -3,10 +3,12 @@ operands broadcast over windows (issue 9: the sam2/mvitv2 "0.5 leaks" and the Sw
 report errors; each test here failed before its fix)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import lrpgraph
+from lrpgraph.walk import RuleError
 
 DT = torch.float64
 
@@ -184,3 +186,32 @@ def test_rules_conserve_per_sample_where_the_batch_is_merged_with_tokens():
     renorm = [lrpgraph.Explainer(Tokens(merge).eval().to(DT), rules="abslrp-renorm")(x).relevance
               for merge in (False, True) if torch.manual_seed(0) is not None]
     assert torch.allclose(renorm[0], renorm[1], rtol=1e-9, atol=1e-15)
+
+
+class SeqFirst(nn.Module):
+    """A sequence-first block: tokens as ``(N, B, C)`` between the embedding and the head."""
+
+    def __init__(self, c: int = 4, classes: int = 3):
+        super().__init__()
+        self.inp, self.mix, self.head = nn.Conv2d(3, c, 1), nn.Linear(c, c), nn.Linear(c, classes)
+
+    def forward(self, x):
+        h = self.inp(x).flatten(2).permute(2, 0, 1)                            # (N, B, C)
+        h = h + torch.nn.functional.gelu(self.mix(h))
+        return self.head(h.transpose(0, 1).mean(1))
+
+
+def test_a_sequence_first_layout_is_refused_by_abslrp_and_per_sample_under_renorm():
+    """Before: abslrp conserved per token position over a (N, B, C) layout, so a sample's map
+    changed with its batch by 30 % without a sign (a 0.46 leak in the report only)."""
+    torch.manual_seed(0)
+    model = SeqFirst().eval().to(DT)
+    x = torch.randn(3, 3, 4, 4, dtype=DT)
+    with pytest.raises(RuleError, match=r"node `add` \(operator.add\): its output \(16, 3, 4\) has the batch on axis 1.*batch_first=True"):
+        lrpgraph.Explainer(model, rules="abslrp")(x, target=0, report=False)
+    for preset in ("abslrp-renorm", "lrp-epsilon"):  # per-sample unit mass; no per-sample sums
+        ex = lrpgraph.Explainer(model, rules=preset)
+        both = ex(x, target=0, report=False).relevance
+        for b in range(3):
+            alone = ex(x[b:b + 1], target=0, report=False).relevance
+            assert torch.allclose(both[b], alone[0], rtol=1e-9, atol=1e-14), preset
