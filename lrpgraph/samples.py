@@ -46,6 +46,15 @@ def per_sample_rows(s: Tensor, dim: int) -> Tensor:
     return t.movedim(-1, dim)
 
 
+def batch_to_front(r: Tensor, axis: Optional[int], back: bool = False) -> Tensor:
+    """A relevance ``(K, ...)`` of a value whose batch is on ``axis`` (from the walk's batch-axis
+    probe), as a view with the batch at dim 1 where the per-sample sums expect it (``back``: the
+    inverse view). Unchanged where ``axis`` is 0 or not an int."""
+    if not isinstance(axis, int) or axis <= 0:
+        return r
+    return r.movedim(1, axis + 1) if back else r.movedim(axis + 1, 1)
+
+
 def sample_sum(t: Tensor) -> Tensor:
     """Sum of a ``(K, B, ...)`` tensor per (k, sample): shape ``(K, B)``."""
     return _per_sample(t.sum(dim=feature_dims(t)) if t.dim() > 2 else t)

@@ -17,6 +17,7 @@ from .record import NoRuleError, Plan, Recording, no_rule_message
 from .report import NodeBalance, balance, relevance_stats, stats
 from .rule import (SAMPLE_ROWS, Absorbed, NodeContext, Relevance, Rule, Scratch, Split, describe_target,
                    unit_l1, unbroadcast)
+from .samples import batch_to_front
 
 
 class RuleError(RuntimeError):
@@ -165,7 +166,7 @@ def walk(plan: Plan, rec: Recording, start_node: fx.Node, start: Tensor,
             if rule.renormalise and isinstance(o, Tensor):
                 token = SAMPLE_ROWS.set(per_sample)  # unit mass per sample, too
                 a = axes.get(s)  # per sample also where the batch is not the first axis
-                o = unit_l1(o.movedim(a + 1, 1)).movedim(1, a + 1) if isinstance(a, int) and a > 0 else unit_l1(o)
+                o = batch_to_front(unit_l1(batch_to_front(o, a)), a, back=True)
                 SAMPLE_ROWS.reset(token)
             if sent is not None:
                 st = sent if not rule.renormalise else relevance_stats(o, B, axes.get(s))

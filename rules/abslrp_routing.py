@@ -36,6 +36,7 @@ from torch import Tensor
 from lrpgraph import projections as _projections  # noqa: F401  (registers the pass)
 from lrpgraph.registry import RuleTable
 from lrpgraph.rule import Absorbed, NodeContext, Split, _ratio, expand_stats, sample_dot, sample_sum, temp
+from lrpgraph.samples import batch_to_front
 
 from .abslrp import AbsLRP
 from .abslrp_onepass import block_dots, one_pass_streams
@@ -199,13 +200,13 @@ def _axis(a) -> int:
 
 
 def _front(r, axis: int, back: bool = False):
-    """A relevance ``(K, ...)`` of a value whose batch axis is ``axis``, as a view with that axis
-    at dim 1 (``back``: the inverse); ``None`` and ``axis == 0`` pass unchanged."""
+    """:func:`~lrpgraph.samples.batch_to_front` for a routed relevance (``None``, a tensor or a
+    :class:`Split` of two)."""
     if r is None or not axis:
         return r
     if isinstance(r, Split):
-        return r.map(lambda t: _front(t, axis, back))
-    return r.movedim(1, axis + 1) if back else r.movedim(axis + 1, 1)
+        return r.map(lambda t: batch_to_front(t, axis, back))
+    return batch_to_front(r, axis, back)
 
 
 def _t(v) -> Tensor:
