@@ -153,10 +153,14 @@ class _Product(NamedTuple):
 
 
 def _product(ctx: NodeContext) -> _Product:
-    eq, a, b = _operands(ctx)
-    ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
-    acts = set(_activations(ctx))
-    return _Product(eq, a, b, ia, ib, ia in acts, ib in acts)
+    """The node's operands, once per node call (the one-pass scale, the column mass and the
+    contributions all ask; finding the activation slots walks the graph)."""
+    def find() -> _Product:
+        eq, a, b = _operands(ctx)
+        ia, ib = _slot_of(ctx, a), _slot_of(ctx, b)
+        acts = set(_activations(ctx))
+        return _Product(eq, a, b, ia, ib, ia in acts, ib in acts)
+    return memo(ctx, "product", find)
 
 
 class AbsProduct(AbsLRP):
