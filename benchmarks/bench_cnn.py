@@ -3,9 +3,12 @@
 For each preset, the time of one explained batch (trace excluded: an Explainer is built once)
 divided by the time of a plain forward plus input-gradient backward of the same model and batch
 (weights frozen). Calls are interleaved round by round and the median is taken, so a noisy
-shared machine affects both sides alike. Peak memory: CUDA's max_memory_allocated on a GPU; on
-the CPU the process's peak resident set (VmHWM, reset before each measurement). Page faults: the
-process's minor page faults during one call (median), i.e. fresh memory touched for the first time.
+shared machine affects both sides alike. "x gradient" is the ratio of the medians; "paired" is the
+median of the per-round ratios (each call against the gradient of its own round), with their
+range: the steadier figure where the machine's speed drifts during a run. Peak memory: CUDA's
+max_memory_allocated on a GPU; on the CPU the process's peak resident set (VmHWM, reset before
+each measurement). Page faults: the process's minor page faults during one call (median), i.e.
+fresh memory touched for the first time.
 
 ``--allocator`` (CPU): ``default`` leaves glibc's malloc as it is; ``retain`` calls
 :func:`lrpgraph.memory.retain_freed_memory` first, so that freed memory is reused instead of being
@@ -92,6 +95,15 @@ def gradient_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch
     return run
 
 
+def paired_ratios(times: Sequence[float], base: Sequence[float]) -> tuple:
+    """(lowest, median, highest) of the per-round ratios ``times[i] / base[i]``.
+
+    On a shared machine whose speed drifts over seconds, a ratio of two calls made back to back
+    varies less than the ratio of two medians taken over the whole run."""
+    r = sorted(t / b for t, b in zip(times, base))
+    return r[0], statistics.median(r), r[-1]
+
+
 def parser(model: str = "resnet50", presets: Sequence[str] = ("abslrp", "abslrp-renorm", "lrp-epsilon"),
            doc: str = __doc__) -> argparse.ArgumentParser:
     """The command line of this benchmark (``bench_vit.py`` uses it with ViT defaults)."""
@@ -167,11 +179,13 @@ def main(argv: Optional[List[str]] = None, p: Optional[argparse.ArgumentParser] 
     base = statistics.median(times["gradient"])
     print(f"model {a.model}, batch {a.batch}, {a.size}x{a.size}, device {device}, threads {a.threads}, "
           f"torch {torch.__version__}, allocator {a.allocator}, median of {a.repeats} interleaved rounds")
-    print(f"{'method':<18} {'s/batch':>9} {'x gradient':>11} {'peak MB':>9} {'page faults':>12}")
+    print(f"{'method':<18} {'s/batch':>9} {'x gradient':>11} {'paired':>7} {'range':>11} {'peak MB':>9} "
+          f"{'page faults':>12}")
     for name in calls:
         med = statistics.median(times[name])
-        print(f"{name:<18} {med:>9.3f} {med / base:>11.2f} {peaks.get(name, float('nan')):>9.0f} "
-              f"{int(statistics.median(faults[name])):>12}")
+        lo, mid, hi = paired_ratios(times[name], times["gradient"])
+        print(f"{name:<18} {med:>9.3f} {med / base:>11.2f} {mid:>7.2f} {f'{lo:.2f}-{hi:.2f}':>11} "
+              f"{peaks.get(name, float('nan')):>9.0f} {int(statistics.median(faults[name])):>12}")
     print("every round (s):", "; ".join(f"{k} " + " ".join(f"{t:.2f}" for t in v) for k, v in times.items()))
     return 0
 

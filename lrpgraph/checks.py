@@ -87,7 +87,9 @@ def check_hooks(model: nn.Module, leaves: Iterable[str]) -> None:
     modules that stay single graph nodes (leaves) run as usual."""
     leaves = set(leaves)
     for name, m in model.named_modules():
-        if name in leaves or any(name.startswith(f"{leaf}.") for leaf in leaves if leaf):
+        parts = name.split(".")
+        # a leaf, or inside one: the name or one of its dotted prefixes is a leaf (linear in the depth)
+        if name in leaves or any(".".join(parts[:i]) in leaves for i in range(1, len(parts))):
             continue
         if m._forward_hooks or m._forward_pre_hooks:
             what = f"module `{name}` ({type(m).__qualname__})" if name else f"the model ({type(model).__qualname__})"

@@ -370,8 +370,8 @@ def conserve_diagonal(relevance: Tensor, gains: Sequence[Optional[Tensor]], ctx:
 def _ratio(mass: Tensor, norm: Tensor) -> Tensor:
     """``mass / norm`` with 0 where ``norm`` is 0: an exact rescale (the reference adds 1e-9 to the
     norm, which leaks up to 1e-9/norm of the mass once cancellation makes the norm small)."""
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    return torch.where(norm > 0, mass / safe, torch.zeros_like(mass))
+    live = norm > 0
+    return torch.where(live, mass / torch.where(live, norm, 1.0), 0.0)  # no division by 0 (nor its NaN)
 
 
 def describe_target(op: str, target: Any, module: Optional[nn.Module] = None) -> str:
