@@ -6,6 +6,7 @@ rule call only); "rest" is the recorded forward and the walker.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_rules.py --model vit_base_patch16_224 --batch 2
     OMP_NUM_THREADS=1 python benchmarks/profile_rules.py --model resnet50 --preset abslrp-renorm
+    OMP_NUM_THREADS=1 python benchmarks/profile_rules.py --model vit_base_patch16_224 --batch 8 --aten
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main() -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--aten", action="store_true",
+                   help="also one call of each under PyTorch's profiler: the matrix products' share")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -96,7 +99,31 @@ def main() -> int:
         total += v
         print(f"  {k:<32} {v:8.3f} s {v / g:6.2f}x gradient  ({calls[k]} calls)")
     print(f"  {'rest (forward record, walker)':<32} {e - total:8.3f} s {(e - total) / g:6.2f}x gradient")
+    if a.aten:
+        aten_shares(gradient, lambda: ex(x, report=False))
     return 0
+
+
+#: the ATen ops of matrix products: Linear layers (mm, addmm) and batched products (bmm)
+GEMMS = {"linear (aten::mm, aten::addmm)": ("aten::mm", "aten::addmm"), "batched (aten::bmm)": ("aten::bmm",)}
+
+
+def aten_shares(gradient, explain) -> None:
+    """Self CPU time of the matrix products in one call of each, under PyTorch's profiler (which
+    slows the many small ops a little), against the whole gradient's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = {}
+    for name, fn in (("gradient", gradient), ("explanation", explain)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        self_s = {ev.key: ev.self_cpu_time_total / 1e6 for ev in prof.key_averages()}
+        totals[name] = (sum(self_s.values()), {k: sum(self_s.get(op, 0.0) for op in ops) for k, ops in GEMMS.items()})
+    g = totals["gradient"][0]
+    print(f"  profiler, self CPU s: gradient {g:.2f}, explanation {totals['explanation'][0]:.2f}")
+    for name, (tot, parts) in totals.items():
+        for k, v in parts.items():
+            print(f"    {name:<12} {k:<32} {v:7.2f} s {v / g:6.2f}x gradient, {100 * v / tot:4.0f} % of the call")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """lrpgraph against the parity fixtures: the maps, and the agreement measures the test asserts.
 
     python benchmarks/parity/parity.py            # one line per fixture and preset
+    python benchmarks/parity/parity.py --quick    # the first fixture of each code era only
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import sys
@@ -75,8 +77,16 @@ def agreement(ours: torch.Tensor, ref: torch.Tensor):
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="the first fixture of each code era only (tests/test_parity.py checks them all)")
+    a = p.parse_args()
+    eras: set = set()
     for path in fixtures():
         f = load(path)
+        if a.quick and f["era"] in eras:
+            continue
+        eras.add(f["era"])
         ours = explain(f, PRESET[f["era"]])
         cos, diff = agreement(ours, f["relevance"])
         print(f"{os.path.basename(path):32s} {PRESET[f['era']]:14s} cosine {cos:.6f}  max abs diff {diff:.2e}")
