@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -108,7 +109,7 @@ def main() -> int:
 GEMMS = {"linear (aten::mm, aten::addmm)": ("aten::mm", "aten::addmm"), "batched (aten::bmm)": ("aten::bmm",)}
 
 
-def aten_shares(gradient, explain) -> None:
+def aten_shares(gradient: Callable[[], object], explain: Callable[[], object]) -> None:
     """Self CPU time of the matrix products in one call of each, under PyTorch's profiler (which
     slows the many small ops a little), against the whole gradient's."""
     from torch.profiler import ProfilerActivity, profile
