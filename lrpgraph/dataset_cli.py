@@ -2,7 +2,7 @@
 :mod:`lrpgraph.dataset`), in one process or several under ``torchrun``::
 
     lrpgraph dataset --model vgg --data bundled --n 512 --out runs/vgg
-    torchrun --nproc_per_node 2 -m lrpgraph dataset --model vgg --num-samples 512 --out runs/vgg
+    torchrun --standalone --nproc_per_node 2 -m lrpgraph dataset --model vgg --num-samples 512 --out runs/vgg
 
 Data: ``bundled`` (the bundled Fashion-MNIST test images, with labels) or a folder of images
 (:class:`ImageFolder`).

@@ -78,10 +78,12 @@ def test_api_shards_match_explainer(tmp_path):
 
 
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
-    """torchrun --nproc_per_node 2 over 10 bundled samples: the merged shards equal a one-process
-    run bit for bit in float64; each rank wrote its own shards (k % 2)."""
+    """torchrun --standalone --nproc_per_node 2 over 10 bundled samples: the merged shards equal a
+    one-process run bit for bit in float64; each rank wrote its own shards (k % 2)."""
     multi, single = tmp_path / "multi", tmp_path / "single"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lrpgraph",
+    # --standalone: a free port, so this cannot collide with the documented torchrun block when
+    # the suite runs on several workers (pytest -n)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lrpgraph",
            "dataset", "--num-samples", "10", "--out", str(multi), *ARGS]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
