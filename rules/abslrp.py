@@ -110,7 +110,8 @@ def _nonneg(x: Tensor) -> bool:
 
 
 class AbsAffine(AbsLRP):
-    """Linear, Conv1d/2d/3d, BatchNorm (one stage), average pools, means: ``x*(W^T S) + |x|*(|W|^T S)``.
+    """Linear, Conv1d/2d/3d, BatchNorm (one stage), average pools, means, resampling:
+    ``x*(W^T S) + |x|*(|W|^T S)``.
 
     For non-negative inputs (after a ReLU) this is ``2 x * (W+^T S)``: one transposed product.
     """
@@ -150,7 +151,9 @@ class AbsAffine(AbsLRP):
         op = memo(ctx, "affine", lambda: affine_of(ctx))
         x = ctx.inputs[op.slot]
         w = op.weight
-        if w is None or (op.scan_weight_sign and memo(ctx, "W>=0", lambda: _nonneg(w))):  # pooling kernels: W = |W|
+        if w is None and op.signed:  # signed implicit matrices (bicubic): |W| is their |.|, separable too
+            r = x * op.transpose(s, None) + _abs_input(ctx, x) * op.absolute().transpose(s, None)
+        elif w is None or (op.scan_weight_sign and memo(ctx, "W>=0", lambda: _nonneg(w))):  # pooling kernels: W = |W|
             r = (x + memo(ctx, "|x|", x.abs)) * op.transpose(s, w)
         elif memo(ctx, "x>=0", lambda: _nonneg(x)):
             wp = torch.clamp(w, min=0, out=temp(ctx, "affine.W+", w))

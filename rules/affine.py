@@ -34,6 +34,9 @@ class Affine:
     bias: Optional[Tensor] = None
     slot: int = 0
     n_slots: int = 1
+    #: a weight-free op (``weight`` is ``None``) whose implicit weight has negative entries
+    #: (bicubic resampling); ``False``: its implicit weight is non-negative (pooling)
+    signed: bool = False
     #: whether a rule should scan the weight for ``W >= 0`` (a faster form for pooling kernels).
     #: ``False`` for learned weights: they are signed in practice, the scan costs a pass over the
     #: weight per call, and the general form gives the same numbers where ``W >= 0`` anyway
@@ -179,16 +182,25 @@ class PoolAffine(Affine):
 
 
 class MatrixPoolAffine(Affine):
-    """Adaptive average pooling and means: ``z = x contracted with per-axis pooling matrices``.
+    """Adaptive average pooling, means, sums, resampling: ``z = x contracted with per-axis matrices``.
 
-    ``mats[d]`` is ``(out_d, in_d)`` for each pooled trailing axis; the weight is their set, all
-    non-negative, so the classic sign-split rules reduce to the z-rule here.
+    ``mats[d]`` is ``(out_d, in_d)`` for each trailing axis it acts on; the op's weight is their
+    Kronecker product, never built (``weight`` is ``None``: rules pass ``None`` for the matrices).
+    Pooling matrices are non-negative, so the classic sign-split rules reduce to the z-rule here.
+    Bicubic resampling's are ``signed`` (negative lobes): ``|A (x) B| = |A| (x) |B|`` is separable
+    again (:meth:`absolute`), but ``(A (x) B)+`` is not, so rules that need ``W+`` refuse them.
     """
 
-    def __init__(self, mats: Sequence[Tensor], axes: Sequence[int], in_shape, out_shape, n_slots=1):
+    def __init__(self, mats: Sequence[Tensor], axes: Sequence[int], in_shape, out_shape, n_slots=1,
+                 signed: bool = False):
         self.mats, self.axes = list(mats), list(axes)
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.weight, self.bias, self.n_slots = None, None, n_slots
+        self.signed = signed
+
+    def absolute(self) -> "MatrixPoolAffine":
+        """The same op with ``|mats|``: its weight is the absolute value of this op's weight."""
+        return MatrixPoolAffine([m.abs() for m in self.mats], self.axes, self.in_shape, self.out_shape, self.n_slots)
 
     def forward(self, x, weight, bias):
         k = x.dim() - len(self.in_shape)  # 1 if x has a leading K axis

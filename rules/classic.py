@@ -25,10 +25,10 @@ from typing import List, Optional, Union
 import torch
 from torch import Tensor
 
-from lrpgraph.rule import Rule, stabilise
+from lrpgraph.rule import NodeContext, Rule, stabilise
 
 from .abslrp import maxpool_config, scatter_max
-from .affine import affine_of
+from .affine import Affine, affine_of
 
 GUARD = 1e-12
 
@@ -52,6 +52,19 @@ class ClassicRule(Rule):
 
     def __repr__(self) -> str:
         return self.name
+
+    def sign_split_op(self, ctx: NodeContext) -> Affine:
+        """:func:`affine_of` for a rule that splits or replaces the weight (``W+``, ``W-``, ones,
+        squares). A weight-free op with signed implicit matrices (bicubic resampling) is refused:
+        the sign parts of a Kronecker product are not the products of the parts, and the
+        pooling forms below assume ``W >= 0``."""
+        op = affine_of(ctx)
+        if op.weight is None and op.signed:
+            raise NotImplementedError(
+                f"{ctx.describe()}: rule {self.name} needs the positive and negative parts of this op's "
+                "weights, and its resampling matrices are signed (bicubic) and separable, which those "
+                "parts are not; assign Epsilon (or an absLRP rule) to this node with a Composite override")
+        return op
 
 
 class Epsilon(ClassicRule):
@@ -83,7 +96,7 @@ class Gamma(ClassicRule):
         return f"gamma({self.gamma:g})"
 
     def __call__(self, ctx, relevance):
-        op = affine_of(ctx)
+        op = self.sign_split_op(ctx)
         x = ctx.inputs[op.slot]
         w = op.weight
         if w is None:
@@ -112,7 +125,7 @@ class AlphaBeta(ClassicRule):
         return "z-plus" if self.beta == 0 else f"alpha{self.alpha:g}beta{self.beta:g}"
 
     def __call__(self, ctx, relevance):
-        op = affine_of(ctx)
+        op = self.sign_split_op(ctx)
         x = ctx.inputs[op.slot]
         w = op.weight
         xp, xn = x.clamp(min=0), x.clamp(max=0)
@@ -161,7 +174,7 @@ class Flat(ClassicRule):
         return "flat"
 
     def __call__(self, ctx, relevance):
-        op = affine_of(ctx)
+        op = self.sign_split_op(ctx)
         x = ctx.inputs[op.slot]
         ones_w = None if op.weight is None else torch.ones_like(op.weight)
         z = op.forward(torch.ones_like(x), ones_w, None)
@@ -178,7 +191,7 @@ class WSquare(ClassicRule):
         return "w-square"
 
     def __call__(self, ctx, relevance):
-        op = affine_of(ctx)
+        op = self.sign_split_op(ctx)
         x = ctx.inputs[op.slot]
         w2 = None if op.weight is None else op.weight ** 2
         z = op.forward(torch.ones_like(x), w2, None)
@@ -208,7 +221,7 @@ class ZBox(ClassicRule):
         return t.expand_as(x)
 
     def __call__(self, ctx, relevance):
-        op = affine_of(ctx)
+        op = self.sign_split_op(ctx)
         x = ctx.inputs[op.slot]
         low = self._bound(ctx.options.get("low", self.low), x, torch.amin)
         high = self._bound(ctx.options.get("high", self.high), x, torch.amax)

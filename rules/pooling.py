@@ -9,9 +9,12 @@ every affine rule family serves them, absLRP's closed form ``(x + |x|) * (W^T S)
   reach) divided by each window's own divisor, which PyTorch's pool itself gives us;
 * ``torch.sum`` / ``Tensor.sum`` over feature dims: a pooling matrix of ones per axis;
 * ``F.fold`` / ``nn.Fold``: the sum of overlapping patches (weights 1), transposed by ``F.unfold``;
-* ``Upsample`` / ``F.interpolate`` in ``nearest``, ``nearest-exact``, ``linear``, ``bilinear``
-  or ``trilinear`` mode: separable, one interpolation matrix per axis, read off by interpolating
-  the identity (bicubic weights can be negative, antialiasing is not separable this way: refused).
+* ``Upsample`` / ``F.interpolate`` in ``nearest``, ``nearest-exact``, ``linear``, ``bilinear``,
+  ``trilinear`` or ``bicubic`` mode: separable, one interpolation matrix per axis, read off by
+  interpolating the identity. Bicubic matrices have negative lobes: absLRP and epsilon take them
+  as the signed weights they are (``|A (x) B| = |A| (x) |B|``); the classic rules that split the
+  weight by sign refuse them (see :class:`~.affine.MatrixPoolAffine`). Antialiasing is a
+  different filter per output, not read off this way: refused.
 
 Max reductions (``amax``, ``max`` over a dim) route to the winner of each group, like max pooling:
 absLRP ``paper`` ``r = x (1 + sign h) S`` at the winner, ``head`` adds the winner of ``|x|``;
@@ -191,10 +194,11 @@ def interpolate_affine(ctx: NodeContext) -> MatrixPoolAffine:
         size, sf = _arg(a, kw, 1, "size"), _arg(a, kw, 2, "scale_factor")
         mode, ac = _arg(a, kw, 3, "mode", "nearest"), _arg(a, kw, 4, "align_corners")
         recompute, antialias = _arg(a, kw, 5, "recompute_scale_factor"), _arg(a, kw, 6, "antialias", False)
-    if mode not in _LINEAR or antialias:
+    if (mode not in _LINEAR and mode != "bicubic") or antialias:
         raise NotImplementedError(f"{ctx.describe()}: interpolation mode {mode!r}"
                                   f"{' with antialias' if antialias else ''} is not supported (its weights "
-                                  "are not a non-negative separable matrix); use nearest or (bi/tri)linear")
+                                  "are not a separable matrix per axis); use nearest, (bi/tri)linear or "
+                                  "bicubic without antialias")
     x_shape, out_shape = tuple(ctx.input_shapes[0]), tuple(ctx.output_shape)
     nd = len(x_shape) - 2
     ref = ctx.output if isinstance(ctx.output, Tensor) else ctx.inputs[0]
@@ -203,10 +207,17 @@ def interpolate_affine(ctx: NodeContext) -> MatrixPoolAffine:
     for n_in, n_out, f in zip(x_shape[2:], out_shape[2:], sfs):
         eye = torch.eye(n_in, dtype=ref.dtype, device=ref.device).unsqueeze(0)
         kw1 = dict(scale_factor=f) if f is not None else dict(size=n_out)
-        if _LINEAR[mode] == "linear":
-            kw1["align_corners"] = ac
-        mats.append(F.interpolate(eye, mode=_LINEAR[mode], **kw1)[0].T.contiguous())
-    return MatrixPoolAffine(mats, list(range(2, len(x_shape))), x_shape, out_shape, n_slots=len(ctx.inputs))
+        if mode == "bicubic":  # 2-D only: the other axis 1 -> 1, where bicubic is the identity
+            kw1 = dict(scale_factor=(f, 1.0)) if f is not None else dict(size=(n_out, 1))
+            out = F.interpolate(eye.unsqueeze(-1), mode=mode, align_corners=ac, **kw1)[..., 0]
+        else:
+            if _LINEAR[mode] == "linear":
+                kw1["align_corners"] = ac
+            out = F.interpolate(eye, mode=_LINEAR[mode], **kw1)
+        mats.append(out[0].T.contiguous())
+    signed = mode == "bicubic" and any(bool((m < 0).any()) for m in mats)  # not at an identity size
+    return MatrixPoolAffine(mats, list(range(2, len(x_shape))), x_shape, out_shape, n_slots=len(ctx.inputs),
+                            signed=signed)
 
 
 # --------------------------------------------------------------------------------------------

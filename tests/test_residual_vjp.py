@@ -103,6 +103,8 @@ IMAGE_BRANCHES = {
     "pixel-shuffle": lambda m, x: F.pixel_unshuffle(F.pixel_shuffle(m.conv(x), 2), 2),
     "pool-resample": lambda m, x: F.interpolate(F.avg_pool2d(m.conv(x), 4, 2, ceil_mode=True), size=(6, 6),
                                                 mode="bilinear"),
+    "resample-bicubic": lambda m, x: F.interpolate(F.interpolate(m.conv(x), size=(4, 5), mode="bicubic"),
+                                                   size=(6, 6), mode="bicubic", align_corners=True),
     "batch-norm-f": lambda m, x: F.batch_norm(m.conv(x), m.mean, m.var, m.gn.weight, m.gn.bias),
     "sum": lambda m, x: m.conv(x).sum(1, keepdim=True),
     "hardswish-sigmoid": lambda m, x: F.hardswish(m.conv(x)) * torch.sigmoid(x),

@@ -61,6 +61,11 @@ LINEAR_CASES = {
                     (B, 2, 3, 4)),
     "upsample_nearest": (lambda: nn.Upsample(scale_factor=2), (B, 2, 3, 3)),
     "linear1d": (lambda: Lambda(lambda x: F.interpolate(x, size=7, mode="linear")), (B, 2, 4)),
+    # bicubic: signed separable matrices (negative lobes), up, down and mixed, with and without corners
+    "bicubic": (lambda: Lambda(lambda x: F.interpolate(x, size=(5, 7), mode="bicubic")), (B, 2, 3, 4)),
+    "bicubic_down_ac": (lambda: Lambda(lambda x: F.interpolate(x, scale_factor=0.5, mode="bicubic",
+                                                               align_corners=True)), (B, 2, 6, 5)),
+    "upsample_bicubic": (lambda: nn.Upsample(scale_factor=(1.5, 0.7), mode="bicubic"), (B, 2, 4, 9)),
     "f.batch_norm": (_bn_f, (B, 3, 4, 4)),
     "f.fold_overlap": (lambda: Lambda(lambda x: F.fold(x, (5, 4), 3, padding=1)), (B, 2 * 9, 20)),
     "nn.fold_strided": (lambda: nn.Fold((5, 6), (2, 3), dilation=(2, 1), stride=(1, 2)), (B, 3 * 6, 6)),
@@ -540,6 +545,34 @@ def test_routing_end_to_end_every_preset() -> None:
         e = lrpgraph.Explainer(model, rules=preset)(x)
         assert torch.isfinite(e.relevance).all() and e.relevance.shape == x.shape
     assert e.conservation().max_rel_error() < 1e-5  # lrp-0, no biases (the resampling keeps epsilon 1e-6)
+
+
+class _BicubicNet(nn.Module):
+    """A conv, a bicubic resize (signed interpolation weights) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.fc = nn.Linear(4 * 7 * 5, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(F.interpolate(self.conv(x), size=(7, 5), mode="bicubic").flatten(1))
+
+
+def test_bicubic_end_to_end_conserves_and_sign_split_rules_refuse_it() -> None:
+    model = _BicubicNet().to(DT).eval()
+    x = torch.randn(B, 3, 6, 6, dtype=DT)
+    for preset in ("abslrp", "abslrp-renorm", "lrp-epsilon", "lrp-0"):
+        e = lrpgraph.Explainer(model, rules=preset)(x)
+        assert torch.isfinite(e.relevance).all() and e.relevance.shape == x.shape
+        if preset == "abslrp":  # both sign masses at every node, the resize included
+            assert not e.conservation().leaks(1e-9)
+    assert e.conservation().max_rel_error() < 1e-5  # lrp-0 (the resize keeps epsilon 1e-6)
+    base = lrpgraph.registry.get_composite("lrp-epsilon")
+    for rule in (C.Gamma(0.25), C.AlphaBeta(2.0, 1.0), C.Flat()):
+        ex = lrpgraph.Explainer(model, rules=base.derive(table={F.interpolate: rule}))
+        with pytest.raises(lrpgraph.RuleError, match=r"interpolate.*signed \(bicubic\)"):
+            ex(x)
 
 
 def test_operator_neg_is_registered() -> None:
