@@ -152,7 +152,7 @@ class AbsAffine(AbsLRP):
         x = ctx.inputs[op.slot]
         w = op.weight
         if w is None and op.signed:  # signed implicit matrices (bicubic): |W| is their |.|, separable too
-            r = x * op.transpose(s, None) + _abs_input(ctx, x) * op.absolute().transpose(s, None)
+            r = x * op.transpose(s, None) + _abs_input(ctx, x) * memo(ctx, "|op|", op.absolute).transpose(s, None)
         elif w is None or (op.scan_weight_sign and memo(ctx, "W>=0", lambda: _nonneg(w))):  # pooling kernels: W = |W|
             r = (x + memo(ctx, "|x|", x.abs)) * op.transpose(s, w)
         elif memo(ctx, "x>=0", lambda: _nonneg(x)):
